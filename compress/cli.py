@@ -1,0 +1,145 @@
+"""``compress`` command line: argument parsing only; the work is in run/export/measure/report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from compress.errors import CompressError
+
+
+def _batch_sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError("batch sizes must be positive")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Prune vision models while they train.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="run a recipe: prune / distill / finetune stages, evaluate, export")
+    f.add_argument("--recipe", type=Path, help="recipe YAML")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value by dotted path, e.g. stages.0.pruner.target_gmacs_ratio=0.65")
+    f.add_argument("--out", type=Path, help="parent folder of the run directory (default runs/<name>)")
+    f.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+
+    e = sub.add_parser("eval", help="evaluate an export on a dataset")
+    e.add_argument("--checkpoint", type=Path, required=True, help="export folder")
+    e.add_argument("--data", required=True, metavar="KIND:ROOT", help="e.g. imagenet:/data/imagenet")
+    e.add_argument("--split", default="val")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", type=Path, help="also write the results here")
+
+    b = sub.add_parser("bench", help="dense vs pruned: GMACs, parameters, images/s, latency, memory")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="export folder")
+    src.add_argument("--recipe", type=Path, help="recipe: apply its prune stages zero-shot and compare")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", type=Path)
+
+    x = sub.add_parser("export", help="write the export folder of a run (again) to a new place")
+    x.add_argument("--run", type=Path, required=True, help="run directory")
+    x.add_argument("--out", type=Path, required=True)
+
+    sub.add_parser("pruners", help="list registered pruners with their parameters and defaults")
+    sub.add_parser("recipes", help="list bundled recipes")
+    return p
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def cmd_fit(args) -> int:
+    from compress.run import fit
+
+    if (args.recipe is None) == (args.resume is None):
+        raise CompressError("fit: give --recipe PATH, or --resume RUN_DIR")
+    if args.resume is not None and args.overrides:
+        raise CompressError("fit: --set cannot change a run being resumed")
+    fit(args.recipe, args.overrides, args.out, args.resume)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from compress import commands
+
+    results = commands.evaluate_export(args.checkpoint, args.data, args.split, args.limit, args.batch_size,
+                                       args.workers, _device(args.device))
+    print(commands.eval_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from compress import commands
+
+    results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
+                             args.repeats)
+    print(commands.bench_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from compress import commands
+
+    out = commands.export_run(args.run, args.out)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_pruners(args) -> int:
+    from compress import commands
+
+    print(commands.describe_pruners())
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from compress import commands
+
+    print(commands.describe_recipes())
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export,
+            "pruners": cmd_pruners, "recipes": cmd_recipes}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CompressError as e:
+        if args.debug or os.environ.get("COMPRESS_DEBUG"):
+            raise
+        print(f"compress {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

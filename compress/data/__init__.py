@@ -1,0 +1,1 @@
+"""Datasets. Every module here registers its kind with ``@register_dataset``."""

@@ -1,0 +1,57 @@
+"""ImageNet in ImageFolder layout (``<root>/<split>/<wnid>/*.JPEG``) with timm's transforms.
+
+Labels are the standard ImageNet-1k index of each wnid (timm's ``ImageNetInfo`` order), so a folder
+holding only some classes is still scored against the right logits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from compress.data.base import DataSource
+from compress.errors import CompressError
+from compress.registry import register_dataset
+
+
+def wnid_index() -> dict:
+    from timm.data import ImageNetInfo
+
+    return {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+
+
+@register_dataset("imagenet")
+class ImageNet(DataSource):
+    task = "classification"
+
+    @property
+    def num_classes(self) -> int:
+        return 1000
+
+    def split_dir(self, split: str) -> Path:
+        if self.root is None:
+            raise CompressError("data.root: required for data.kind 'imagenet' (a folder with train/ and val/ wnid folders)")
+        root = Path(self.root).expanduser()
+        if not root.is_dir():
+            raise CompressError(f"data.root: folder not found: {root}")
+        d = root / split
+        if not d.is_dir():
+            raise CompressError(f"data.root: {root} has no '{split}/' folder of wnid class folders")
+        return d
+
+    def build(self, split: str, model: nn.Module, train: bool) -> Dataset:
+        from timm.data import create_transform, resolve_data_config
+        from torchvision.datasets import ImageFolder
+
+        folder = self.split_dir(split)
+        transform = create_transform(**resolve_data_config({}, model=model), is_training=train)
+        ds = ImageFolder(str(folder), transform=transform)
+        index = wnid_index()
+        unknown = [c for c in ds.classes if c not in index]
+        if unknown:
+            raise CompressError(f"data.root: {folder} has folders that are not ImageNet-1k wnids, e.g. {unknown[0]!r}")
+        ds.samples = [(path, index[ds.classes[c]]) for path, c in ds.samples]
+        ds.imgs = ds.samples
+        ds.targets = [t for _, t in ds.samples]
+        return ds

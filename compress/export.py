@@ -1,0 +1,120 @@
+"""Export format and ``compress.load``: ``model.safetensors`` + ``compress.json`` + ``recipe.yaml``.
+
+``load`` rebuilds the base architecture (timm or a registered builder), replays the pruners'
+structural edits, re-attaches token pruners from their spec and loads the weights strictly. It uses
+no Lightning, no DeepSpeed and never unpickles: weights are safetensors, everything else JSON.
+Exports are written to a temporary folder and renamed into place, so a failure leaves nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+
+FORMAT = "compress-export/1"
+
+
+def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save(
+    model: nn.Module,
+    out_dir: Union[str, Path],
+    base: Dict[str, Any],
+    pruners: Sequence = (),
+    edits: Optional[List[Dict[str, Any]]] = None,
+    recipe_yaml: Optional[str] = None,
+    metrics: Optional[Dict[str, Any]] = None,
+    task: str = "classification",
+    input_size: Optional[Sequence[int]] = None,
+) -> Path:
+    """Write an export folder atomically. ``pruners`` are attached pruner objects, in order."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    edits = edits if edits is not None else [{} for _ in pruners]
+    manifest = {
+        "format": FORMAT,
+        "task": task,
+        "model": base,
+        "input_size": list(input_size) if input_size is not None else None,
+        "pruners": [{"spec": p.spec(), "kind": p.kind, "edits": e} for p, e in zip(pruners, edits)],
+        "metrics": metrics or {},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = _plain_state_dict(model)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        (tmp / "compress.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if recipe_yaml is not None:
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    manifest_path = path / "compress.json"
+    if not path.is_dir():
+        raise CompressError(f"checkpoint: export folder not found: {path}")
+    if not manifest_path.is_file() or not (path / "model.safetensors").is_file():
+        raise CompressError(f"checkpoint: {path} is not a compress export (needs compress.json and model.safetensors)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"checkpoint: {manifest_path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise CompressError(f"checkpoint: {manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def build_base(manifest: Dict[str, Any]) -> nn.Module:
+    from compress.models.build import build_from_spec
+
+    return build_from_spec(manifest["model"], pretrained=False)
+
+
+def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
+    """Rebuild an exported (pruned) model as a plain ``nn.Module`` in eval mode.
+
+    With ``with_pruners=False`` token pruners are not re-attached (the same weights, dense tokens).
+    """
+    from safetensors.torch import load_file
+
+    from compress.models.build import load_weights
+    from compress.pruners.base import build_pruner
+    from compress.registry import PRUNERS
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = build_base(manifest)
+    attached = []
+    for i, entry in enumerate(manifest["pruners"]):
+        spec = entry["spec"]
+        cls = PRUNERS.get(spec["name"])
+        if entry.get("edits"):
+            cls.apply_edits(model, entry["edits"])
+        if with_pruners and getattr(cls, "replay_on_load", False):
+            pruner = build_pruner(spec, where=f"pruners[{i}]")
+            pruner.attach(model)
+            attached.append(pruner)
+    load_weights(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"), what="checkpoint")
+    model.eval()
+    model._compress_pruners = attached
+    model._compress_manifest = manifest
+    return model

@@ -1,0 +1,82 @@
+"""Build a model from the recipe's ``model`` section: registered builders first, then timm.
+
+Local checkpoints (.pth / .safetensors) load strictly; a checkpoint of another architecture is
+reported with the first mismatching keys instead of a wall of text.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+from compress.registry import MODELS
+
+
+def model_spec(name: str, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """How to rebuild the base architecture (stored in exports)."""
+    return {"builder": "compress" if name in MODELS else "timm", "name": name, "kwargs": dict(kwargs or {})}
+
+
+def build_from_spec(spec: Dict[str, Any], pretrained: bool = False) -> nn.Module:
+    import timm
+
+    name, kwargs = spec["name"], dict(spec.get("kwargs") or {})
+    try:
+        if name in MODELS:
+            return MODELS.get(name)(pretrained=pretrained, **kwargs)
+        if not timm.is_model(name):
+            raise CompressError(f"model.name: unknown model {name!r} (not a timm model or a registered builder)")
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise CompressError(f"model.kwargs: {name} does not accept these arguments ({e})") from None
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CompressError(f"model.checkpoint: cannot read {path} as a torch checkpoint ({type(e).__name__})") from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CompressError(f"model.checkpoint: {path} holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: str, what: str = "model.checkpoint") -> None:
+    """Strict load with a one-line explanation of any mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {list(state[k].shape)} vs model {list(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CompressError(f"{what}: {source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(cfg) -> nn.Module:
+    """``cfg`` is a ``recipe.ModelConfig``."""
+    if cfg.checkpoint is not None:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise CompressError(f"model.checkpoint: file not found: {path}")
+        model = build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=False)
+        load_weights(model, _read_state_dict(path), str(path))
+        return model
+    return build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=cfg.pretrained)

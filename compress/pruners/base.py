@@ -1,0 +1,82 @@
+"""The pruner protocol: a validated config, ``attach``/``detach`` in place, training-time callbacks,
+``finalize`` to make the decision physical, and a JSON-able ``spec`` that ``compress.load`` replays.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Optional
+
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from compress.errors import CompressError
+
+
+class PrunerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Pruner:
+    """Base class. Subclasses set ``name``, ``kind`` and a nested ``Config`` (a ``PrunerConfig``)."""
+
+    name: ClassVar[str] = "?"
+    kind: ClassVar[str] = "?"  # token | weight | structured | diffusion
+    replay_on_load: ClassVar[bool] = False  # re-attach from spec() when loading an export
+    Config: ClassVar[type] = PrunerConfig
+
+    def __init__(self, config: Optional[PrunerConfig] = None, **params: Any):
+        self.config = config if config is not None else self.Config(**params)
+        self._stage: Optional[int] = None  # index of the recipe stage that attached it
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Modify ``model`` in place (reversible with ``detach``)."""
+        raise NotImplementedError
+
+    def detach(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def callbacks(self) -> List[Any]:
+        """Lightning callbacks through which the pruner acts during training (default: none)."""
+        return []
+
+    def finalize(self, model: nn.Module) -> Dict[str, Any]:
+        """Make the decision physical; return the structural edits ``apply_edits`` can replay."""
+        return {}
+
+    @classmethod
+    def apply_edits(cls, model: nn.Module, edits: Dict[str, Any]) -> None:
+        """Rebuild the physical structure recorded by ``finalize`` on a fresh base model."""
+        if edits:
+            raise CompressError(f"pruner {cls.name!r} cannot replay structural edits")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-able state outside the model (e.g. a schedule's progress), for --resume."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    # -- description -----------------------------------------------------------------------
+    def spec(self) -> Dict[str, Any]:
+        return {"name": self.name, **self.config.model_dump(mode="json")}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
+        return f"{type(self).__name__}({params})"
+
+
+def build_pruner(spec: Dict[str, Any], where: str = "pruner") -> Pruner:
+    """``{"name": ..., **params}`` -> a configured pruner; errors name ``where`` and the key."""
+    from compress.recipe import format_validation_error
+    from compress.registry import PRUNERS
+
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not name:
+        raise CompressError(f"{where}.name: required key is missing")
+    cls = PRUNERS.get(name)
+    try:
+        cfg = cls.Config.model_validate(spec)
+    except ValidationError as e:
+        raise CompressError(format_validation_error(e, cls.Config, tuple(where.split(".")))) from None
+    return cls(cfg)

@@ -1,0 +1,1 @@
+"""Token pruners for timm ViTs (built on ``compress.tokens``)."""

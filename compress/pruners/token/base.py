@@ -1,0 +1,32 @@
+"""``TokenPruner``: a pruner that is also the per-forward ``TokenPolicy`` of the patched model."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch.nn as nn
+
+from compress import tokens
+from compress.pruners.base import Pruner
+
+
+class TokenPruner(Pruner, tokens.TokenPolicy):
+    kind = "token"
+    replay_on_load = True  # token pruners hold no weights: re-attach them from their spec
+
+    def plan(self, geometry: Dict[str, Any]) -> None:
+        """Turn the config (schedule or budget) into per-layer decisions for this model."""
+
+    def attach(self, model: nn.Module) -> None:
+        self.geometry = tokens.vit_geometry(model)
+        self.plan(self.geometry)
+        tokens.patch(model, self)
+
+    def detach(self, model: nn.Module) -> None:
+        tokens.remove_patch(model)
+
+    def expected_tokens(self) -> list:
+        """Token counts entering each block under this plan (int or (n_attn, n_mlp))."""
+        raise NotImplementedError
+
+    def expected_macs_ratio(self) -> float:
+        return tokens.schedule_macs_ratio(self.geometry, self.expected_tokens())

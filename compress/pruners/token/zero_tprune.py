@@ -1,0 +1,219 @@
+"""Zero-TPrune (Wang, Dedhia, Jha, CVPR 2024): zero-shot token pruning on the attention graph.
+
+A pruning layer after block l reads that block's attention probabilities and runs I' -> S -> I:
+a one-pass pre-ranking (I'), similarity pruning of the less important half against the more
+important half on cosine similarity of keys (S, "Sequential-U"), then Weighted PageRank importance
+on the remaining tokens (I) with RMS head aggregation (EIR) and a variance band head filter (VHF).
+No training. See docs/methods.md §2; the variance band is applied to the head's scores rescaled to
+mean 1 over the patch tokens (the paper does not state the scale).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Literal, Optional, Tuple
+
+import torch
+from pydantic import Field, model_validator
+
+from compress import tokens
+from compress.pruners.base import PrunerConfig
+from compress.pruners.token.base import TokenPruner
+from compress.registry import register_pruner
+
+
+# ---- the method's pieces, as plain tensor functions ------------------------------------------
+
+
+def weighted_pagerank(attn: torch.Tensor, iters: int, init: torch.Tensor) -> torch.Tensor:
+    """Power iteration s <- A^T s on row-stochastic ``attn`` (... x N x N); ``init`` is ... x N."""
+    s = init
+    for _ in range(iters):
+        s = torch.einsum("...ij,...i->...j", attn, s)
+    return s
+
+
+def initial_scores(shape: Tuple[int, ...], n: int, cls_init: str, device, dtype) -> torch.Tensor:
+    """Uniform start; with ``sqrt_n`` the CLS token (index 0) starts sqrt(N) times higher."""
+    s = torch.ones(*shape, n, device=device, dtype=dtype)
+    if cls_init == "sqrt_n":
+        s[..., 0] = math.sqrt(n)
+    return s / s.sum(-1, keepdim=True)
+
+
+def aggregate_heads(scores: torch.Tensor, band: Tuple[float, float]) -> torch.Tensor:
+    """EIR + VHF: RMS over the heads whose score variance lies in ``band`` (B x H x M -> B x M).
+
+    Variance is measured on the scores rescaled to mean 1 over the M tokens. Images where no head
+    falls in the band use all heads.
+    """
+    m = scores.shape[-1]
+    rescaled = scores * (m / scores.sum(-1, keepdim=True).clamp_min(1e-12))
+    var = rescaled.var(-1, unbiased=False)
+    keep = ((var >= band[0]) & (var <= band[1])).to(scores.dtype)
+    keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))
+    return ((keep.unsqueeze(-1) * rescaled.square()).sum(1) / keep.sum(1, keepdim=True)).sqrt()
+
+
+def similarity_victims(keys: torch.Tensor, importance: torch.Tensor, r: int) -> torch.Tensor:
+    """S-stage (Sequential-U): indices (B x r) of the r less-important tokens most similar to the
+    more-important half. ``keys`` is B x M x C, ``importance`` B x M."""
+    M = keys.shape[1]
+    order = importance.argsort(dim=1, descending=True)
+    half = (M + 1) // 2
+    top, low = order[:, :half], order[:, half:]
+    k = torch.nn.functional.normalize(keys, dim=-1)
+    k_low = k.gather(1, low.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
+    k_top = k.gather(1, top.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
+    best = (k_low @ k_top.transpose(1, 2)).amax(-1)
+    pick = best.topk(min(r, low.shape[1]), dim=1).indices
+    return low.gather(1, pick)
+
+
+def _complement(m: int, drop: torch.Tensor) -> torch.Tensor:
+    """Indices of 0..m-1 not in ``drop`` (B x r), in ascending order (B x (m - r))."""
+    mask = torch.ones(drop.shape[0], m, dtype=torch.bool, device=drop.device)
+    mask.scatter_(1, drop, False)
+    return mask.nonzero()[:, 1].view(drop.shape[0], m - drop.shape[1])
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+class PruningLayer(PrunerConfig):
+    block: int = Field(ge=0, description="the pruning layer sits after this block and reads its attention")
+    s_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of patch tokens the S-stage removes")
+    i_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of patch tokens the I-stage removes")
+
+    @model_validator(mode="after")
+    def _total(self):
+        if self.s_ratio + self.i_ratio >= 1:
+            raise ValueError("s_ratio + i_ratio must be < 1")
+        return self
+
+
+# Zero-TP-a-like default for 12-block DeiT: prune after blocks 3, 6 and 9 in equal I/S shares.
+DEFAULT_SCHEDULE = [
+    PruningLayer(block=3, s_ratio=0.15, i_ratio=0.15),
+    PruningLayer(block=6, s_ratio=0.15, i_ratio=0.15),
+    PruningLayer(block=9, s_ratio=0.15, i_ratio=0.15),
+]
+
+
+class ZeroTPruneConfig(PrunerConfig):
+    schedule: Optional[List[PruningLayer]] = Field(
+        None, description="pruning layers; default: after blocks at 1/4, 1/2, 3/4 depth, 30 % each"
+    )
+    target_gmacs_ratio: Optional[float] = Field(
+        None, gt=0, le=1, description="budget instead of a schedule: the blocks' MACs relative to dense"
+    )
+    similarity_share: float = Field(0.5, ge=0, le=1, description="share of removals done by the S-stage")
+    wpr_iters: Optional[List[int]] = Field(None, description="WPR iterations per block; default 30 / 8 / 1")
+    cls_init: Literal["sqrt_n", "uniform"] = "sqrt_n"
+    head_band: Tuple[float, float] = Field((0.01, 0.7), description="VHF variance band [v_min, v_max]")
+
+    @model_validator(mode="after")
+    def _exclusive(self):
+        if self.schedule is not None and self.target_gmacs_ratio is not None:
+            raise ValueError("give either schedule or target_gmacs_ratio, not both")
+        if self.head_band[0] > self.head_band[1]:
+            raise ValueError("head_band must be [v_min, v_max] with v_min <= v_max")
+        return self
+
+
+@register_pruner("zero_tprune")
+class ZeroTPrune(TokenPruner):
+    """Zero-shot token pruning by Weighted PageRank on attention + key-similarity pruning."""
+
+    name = "zero_tprune"
+    Config = ZeroTPruneConfig
+
+    # -- planning ---------------------------------------------------------------------------
+    def _default_blocks(self, depth: int) -> List[int]:
+        return sorted({max(0, round(depth * f) - 1) for f in (1 / 3, 7 / 12, 5 / 6)})
+
+    def plan(self, geometry) -> None:
+        cfg, depth = self.config, geometry["depth"]
+        if cfg.target_gmacs_ratio is not None:
+            blocks = [3, 6, 9] if depth == 12 else self._default_blocks(depth)
+            share = cfg.similarity_share
+
+            def ratio(keep: float) -> float:
+                layers = [PruningLayer(block=b, s_ratio=(1 - keep) * share, i_ratio=(1 - keep) * (1 - share)) for b in blocks]
+                return tokens.schedule_macs_ratio(geometry, self._counts(geometry, layers))
+
+            keep = tokens.solve_monotone(ratio, cfg.target_gmacs_ratio, 0.02, 1.0)
+            layers = [PruningLayer(block=b, s_ratio=(1 - keep) * share, i_ratio=(1 - keep) * (1 - share)) for b in blocks]
+        elif cfg.schedule is not None:
+            layers = list(cfg.schedule)
+        else:
+            layers = DEFAULT_SCHEDULE if depth == 12 else [
+                PruningLayer(block=b, s_ratio=0.15, i_ratio=0.15) for b in self._default_blocks(depth)
+            ]
+        for layer in layers:
+            if layer.block >= depth - 1:
+                raise ValueError(f"pruning after block {layer.block} of a {depth}-block model removes nothing useful")
+        self.layers = {layer.block: layer for layer in layers}
+        if cfg.wpr_iters is not None:
+            if len(cfg.wpr_iters) != depth:
+                raise ValueError(f"wpr_iters has {len(cfg.wpr_iters)} entries for a {depth}-block model")
+            self.iters = list(cfg.wpr_iters)
+        else:
+            self.iters = [30 if i < 3 else (1 if i >= depth - 3 else 8) for i in range(depth)]
+
+    @staticmethod
+    def _removals(m: int, layer: PruningLayer) -> Tuple[int, int]:
+        r_s, r_i = round(layer.s_ratio * m), round(layer.i_ratio * m)
+        over = r_s + r_i - (m - 1)
+        if over > 0:
+            r_i = max(0, r_i - over)
+            r_s = min(r_s, m - 1 - r_i)
+        return r_s, r_i
+
+    def _counts(self, geometry, layers) -> list:
+        by_block = {layer.block: layer for layer in layers}
+        m, counts = geometry["num_patches"], []
+        for b in range(geometry["depth"]):
+            counts.append(m + geometry["num_prefix"])
+            if b in by_block:
+                r_s, r_i = self._removals(m, by_block[b])
+                m -= r_s + r_i
+        return counts
+
+    def expected_tokens(self) -> list:
+        return self._counts(self.geometry, list(self.layers.values()))
+
+    # -- per forward ----------------------------------------------------------------------
+    def needs(self, layer: int) -> Optional[str]:
+        return "probs" if layer in self.layers else None
+
+    def after_block(self, layer, x, info, state):
+        step = self.layers.get(layer)
+        if step is None:
+            return x
+        P = state.num_prefix
+        attn = info.probs.float()  # B x H x N x N
+        B, H, N, _ = attn.shape
+        m = N - P
+        r_s, r_i = self._removals(m, step)
+        if r_s + r_i == 0:
+            return x
+        band = tuple(self.config.head_band)
+        init = initial_scores((B, H), N, self.config.cls_init, attn.device, attn.dtype)
+        remaining = torch.arange(m, device=x.device).unsqueeze(0).expand(B, m)
+        if r_s:
+            # I': a single voting pass only orders the tokens for the partition.
+            pre = aggregate_heads(weighted_pagerank(attn, 1, init)[..., P:], band)
+            keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float()
+            victims = similarity_victims(keys, pre, r_s)
+            remaining = _complement(m, victims)
+        if r_i:
+            # I: Weighted PageRank on the graph of the tokens that survived S.
+            idx = torch.cat([torch.arange(P, device=x.device).expand(B, P), remaining + P], dim=1)
+            sub = attn.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], N))
+            sub = sub.gather(3, idx[:, None, None, :].expand(B, H, idx.shape[1], idx.shape[1]))
+            sub = sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
+            init = initial_scores((B, H), idx.shape[1], self.config.cls_init, attn.device, attn.dtype)
+            scores = aggregate_heads(weighted_pagerank(sub, self.iters[layer], init)[..., P:], band)
+            top = scores.topk(remaining.shape[1] - r_i, dim=1).indices
+            remaining = remaining.gather(1, top)
+        return tokens.keep_tokens(x, state, remaining)

@@ -1,0 +1,92 @@
+"""The end of a run: evaluate the pruned model, measure dense vs pruned, export, print the table."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
+
+from compress import measure
+
+
+def compare(dense: nn.Module, pruned: nn.Module, input_size, batch_sizes=(32,), device: str = "cpu",
+            repeats: int = 10) -> Dict[str, Any]:
+    prof = measure.profile({"dense": dense, "pruned": pruned}, input_size, batch_sizes, device=device, repeats=repeats)
+    d, p = prof["dense"], prof["pruned"]
+    ratios = {
+        "gmacs": p["gmacs"] / d["gmacs"],
+        "params": p["params"] / d["params"],
+        "speedup": {bs: p["speed"][bs]["images_per_s"] / d["speed"][bs]["images_per_s"] for bs in d["speed"]},
+    }
+    return {"dense": d, "pruned": p, "ratios": ratios, "device": device, "threads": measure.pin_threads()}
+
+
+def table(rows: Dict[str, Dict[str, Any]], columns) -> str:
+    """A markdown table: ``rows`` maps a row name to its values; ``columns`` are (key, title, fmt)."""
+    head = "| | " + " | ".join(title for _, title, _ in columns) + " |"
+    sep = "|---|" + "---|" * len(columns)
+    lines = [head, sep]
+    for name, vals in rows.items():
+        cells = []
+        for key, _, fmt in columns:
+            v = vals.get(key)
+            cells.append("–" if v is None else format(v, fmt))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(metrics: Dict[str, Any]) -> str:
+    bench = metrics.get("bench") or {}
+    rows = {}
+    for name in ("dense", "pruned"):
+        acc = metrics.get(name) or {}
+        b = bench.get(name) or {}
+        speed = next(iter(b.get("speed", {}).values()), {})
+        rows[name] = {
+            "top1": acc.get("top1"), "top5": acc.get("top5"), "gmacs": b.get("gmacs"),
+            "params": b["params"] / 1e6 if "params" in b else None, "ips": speed.get("images_per_s"),
+        }
+    if bench:
+        r = bench["ratios"]
+        rows["ratio"] = {"gmacs": r["gmacs"], "params": r["params"], "ips": next(iter(r["speedup"].values()))}
+        if metrics.get("dense") and metrics.get("pruned"):
+            rows["ratio"]["top1"] = metrics["pruned"]["top1"] - metrics["dense"]["top1"]
+            rows["ratio"]["top5"] = metrics["pruned"]["top5"] - metrics["dense"]["top5"]
+    bs = next(iter(bench.get("dense", {}).get("speed", {})), "?")
+    cols = [("top1", "top-1 %", ".2f"), ("top5", "top-5 %", ".2f"), ("gmacs", "GMACs", ".4f"),
+            ("params", "params (M)", ".3f"), ("ips", f"images/s (batch {bs})", ".1f")]
+    return table(rows, cols) + "\n(ratio row: pruned/dense for GMACs, params, images/s; difference in points for accuracy)"
+
+
+def finish(ctx) -> Dict[str, Any]:
+    from compress.export import save
+    from compress.models.build import model_spec
+    from compress.recipe import dump_recipe
+    from compress.run import _device, _log, evaluate_model
+
+    recipe = ctx.recipe
+    metrics = ctx.metrics
+    model = ctx.model.eval()
+    if recipe.evaluate.enabled:
+        metrics["pruned"] = evaluate_model(ctx, model)
+        if ctx.dense is None:
+            metrics["dense"] = metrics["pruned"]
+    if recipe.evaluate.bench:
+        dense = ctx.dense if ctx.dense is not None else model
+        metrics["bench"] = compare(dense, model, ctx.input_size, (recipe.evaluate.batch_size,), _device(recipe))
+    edits = [p.finalize(model) for p in ctx.pruners]
+    if recipe.export.enabled:
+        out = recipe.export.dir or (ctx.run_dir / "export")
+        save(model, out, model_spec(recipe.model.name, recipe.model.kwargs), ctx.pruners, edits, dump_recipe(recipe),
+             _exportable(metrics), input_size=ctx.input_size)
+        metrics["export"] = str(out)
+        _log(f"exported to {out}")
+    (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    print()
+    print(f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}")
+    print(summary_table(metrics))
+    return metrics
+
+
+def _exportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k in ("dense", "pruned", "bench", "stages")}

@@ -1,0 +1,303 @@
+"""The stage runner: recipe -> model, data, and one Lightning ``Trainer`` run per stage.
+
+Stages run in order. The model as it stands before the first ``prune`` stage is the dense reference
+(teacher for ``distill``, baseline in the report). After every stage the model's weights and the
+pruners' specs are saved under ``stages/<i>-<kind>/``; ``--resume`` restores the last completed stage
+and continues a stage interrupted mid-way from Lightning's ``last.ckpt``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+
+DONE = "done.json"
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    model: nn.Module
+    source: Any  # compress.data.base.DataSource
+    input_size: tuple
+    pruners: List[Any] = field(default_factory=list)
+    dense: Optional[nn.Module] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[compress] {msg}", flush=True)
+
+
+def build_source(recipe: Recipe):
+    from compress.registry import DATASETS
+
+    cls = DATASETS.get(recipe.data.kind)
+    return cls(recipe.data.root, cls.Config.model_validate(recipe.data.params), recipe.data.limit)
+
+
+def make_loader(recipe: Recipe, dataset, train: bool):
+    bs = recipe.data.batch_size if train else (recipe.data.eval_batch_size or recipe.data.batch_size)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=bs,
+        shuffle=train,
+        drop_last=train and len(dataset) > bs,
+        num_workers=recipe.data.num_workers,
+        persistent_workers=recipe.data.num_workers > 0 and train,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
+    """Everything that can fail on bad input, before anything is written."""
+    import lightning.pytorch as pl
+
+    from compress.models import build_model
+
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    source = build_source(recipe)
+    model = build_model(recipe.model)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != source.num_classes:
+        raise CompressError(
+            f"model.kwargs.num_classes: {recipe.model.name} has {num_classes} classes but data.kind "
+            f"{recipe.data.kind!r} has {source.num_classes}"
+        )
+    # Touch the datasets now so a missing root or split fails before the run directory exists.
+    if any(s.trains for s in recipe.stages):
+        source.dataset("train", model, train=True)
+    if recipe.evaluate.enabled:
+        source.dataset(recipe.evaluate.split, model, train=False)
+    return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)))
+
+
+def _epoch_log_cls():
+    import lightning.pytorch as pl
+
+    class EpochLog(pl.Callback):
+        """One line per epoch when there is no progress bar (logs, CI, pipes)."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            text = ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(m.items()))
+            _log(f"  epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {text}")
+
+    return EpochLog
+
+
+def EpochLog():
+    return _epoch_log_cls()()
+
+
+def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from compress.strategies import resolve_strategy
+
+    t = recipe.trainer
+    progress = sys.stdout.isatty() if t.enable_progress_bar is None else t.enable_progress_bar
+    loggers = [CSVLogger(str(stage_dir), name="logs", version="")]
+    try:
+        loggers.append(TensorBoardLogger(str(stage_dir), name="tb", version=""))
+    except ModuleNotFoundError:
+        pass
+    callbacks = [
+        ModelCheckpoint(dirpath=str(stage_dir / "checkpoints"), save_last=True, save_top_k=0, every_n_train_steps=200),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if not progress:
+        callbacks.append(EpochLog())
+    return dict(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=resolve_strategy(t.strategy),
+        precision=t.precision,
+        max_epochs=stage.epochs if stage.max_steps is None else -1,
+        max_steps=stage.max_steps or -1,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=progress,
+        deterministic=t.deterministic,
+        default_root_dir=str(stage_dir),
+        logger=loggers,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+
+
+def _stage_dir(run_dir: Path, i: int, kind: str) -> Path:
+    return run_dir / "stages" / f"{i}-{kind}"
+
+
+def _save_stage(ctx: RunContext, i: int, stage_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in ctx.model.state_dict().items()}
+    save_file(state, str(stage_dir / "model.safetensors"))
+    if ctx.dense is not None and not (ctx.run_dir / "stages" / "dense.safetensors").exists():
+        save_file({k: v.detach().cpu().contiguous() for k, v in ctx.dense.state_dict().items()},
+                  str(ctx.run_dir / "stages" / "dense.safetensors"))
+    info = {
+        "stage": i,
+        "pruners": [{"spec": p.spec(), "stage": p._stage, "state": p.state_dict()} for p in ctx.pruners],
+        "metrics": ctx.metrics,
+    }
+    (stage_dir / DONE).write_text(json.dumps(info, indent=2))
+
+
+def _teacher(ctx: RunContext, stage) -> nn.Module:
+    cfg = stage.distill
+    if cfg.teacher == "dense":
+        if ctx.dense is None:
+            raise CompressError("distill: teacher 'dense' needs a prune stage before the distill stage")
+        return ctx.dense
+    from compress.models import build_model
+    from compress.recipe import ModelConfig
+
+    return build_model(ModelConfig(name=cfg.teacher, pretrained=cfg.checkpoint is None, checkpoint=cfg.checkpoint))
+
+
+def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -> None:
+    import lightning.pytorch as pl
+
+    from compress.pruners.base import build_pruner
+    from compress.tasks.classification import ClassificationTask
+
+    stage_dir = _stage_dir(ctx.run_dir, i, stage.kind)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if stage.kind == "prune":
+        if ctx.dense is None:
+            ctx.dense = copy.deepcopy(ctx.model).eval()
+            if ctx.recipe.evaluate.enabled:
+                ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense)
+                _log(f"dense: {_fmt(ctx.metrics['dense'])}")
+        if not any(p._stage == i for p in ctx.pruners):
+            pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
+            pruner._stage = i
+            pruner.attach(ctx.model)
+            ctx.pruners.append(pruner)
+            _log(f"stage {i} ({stage.kind}): attached {pruner!r}")
+    if stage.trains:
+        teacher = _teacher(ctx, stage) if stage.kind == "distill" else None
+        task = ClassificationTask(ctx.model, ctx.source.num_classes, stage, teacher=teacher)
+        callbacks = [cb for p in ctx.pruners for cb in p.callbacks()]
+        kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
+        kwargs["callbacks"] = kwargs["callbacks"] + callbacks
+        trainer = pl.Trainer(**kwargs)
+        train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
+        _log(f"stage {i} ({stage.kind}): training {stage.epochs} epoch(s)" + (f", max {stage.max_steps} steps" if stage.max_steps else ""))
+        ctx.model.train()
+        trainer.fit(task, train_dataloaders=train, ckpt_path=ckpt_path)
+    ctx.model.eval()
+    if stage.evaluate and ctx.recipe.evaluate.enabled:
+        ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model)
+    _save_stage(ctx, i, stage_dir)
+
+
+def _fmt(metrics: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def _device(recipe: Recipe) -> str:
+    acc = recipe.trainer.accelerator
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def evaluate_model(ctx: RunContext, model: nn.Module) -> Dict[str, Any]:
+    from compress.tasks.classification import evaluate
+
+    ds = ctx.source.dataset(ctx.recipe.evaluate.split, model, train=False)
+    return evaluate(model, make_loader(ctx.recipe, ds, train=False), ctx.source.num_classes, _device(ctx.recipe))
+
+
+def new_run_dir(recipe: Recipe, out: Optional[Path]) -> Path:
+    base = Path(out) if out is not None else Path("runs") / recipe.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = base / stamp
+    n = 1
+    while run_dir.exists():
+        run_dir = base / f"{stamp}-{n}"
+        n += 1
+    return run_dir
+
+
+def _restore(ctx: RunContext) -> int:
+    """Restore the last completed stage of ``ctx.run_dir``; return the index of the next stage."""
+    from safetensors.torch import load_file
+
+    from compress.models.build import build_from_spec, load_weights, model_spec
+    from compress.pruners.base import build_pruner
+
+    done = sorted((int(p.parent.name.split("-")[0]), p.parent) for p in (ctx.run_dir / "stages").glob(f"*/{DONE}"))
+    if not done:
+        return 0
+    last, stage_dir = done[-1]
+    info = json.loads((stage_dir / DONE).read_text())
+    dense_path = ctx.run_dir / "stages" / "dense.safetensors"
+    if dense_path.exists():
+        ctx.dense = build_from_spec(model_spec(ctx.recipe.model.name, ctx.recipe.model.kwargs))
+        load_weights(ctx.dense, load_file(str(dense_path)), str(dense_path))
+        ctx.dense.eval()
+    for k, entry in enumerate(info["pruners"]):
+        pruner = build_pruner(entry["spec"], where=f"pruners[{k}]")
+        pruner._stage = entry["stage"]
+        pruner.attach(ctx.model)
+        pruner.load_state_dict(entry.get("state", {}))
+        ctx.pruners.append(pruner)
+    load_weights(ctx.model, load_file(str(stage_dir / "model.safetensors")), str(stage_dir / "model.safetensors"))
+    ctx.metrics = info.get("metrics", {})
+    _log(f"resuming after stage {last} ({stage_dir.name})")
+    return last + 1
+
+
+def fit(recipe_path=None, overrides=None, out=None, resume=None) -> Dict[str, Any]:
+    """Run a recipe end to end; returns the metrics that also go to ``metrics.json``."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "recipe.yaml").is_file():
+            raise CompressError(f"--resume: {run_dir} is not a run directory (no recipe.yaml)")
+        import yaml
+
+        recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    else:
+        recipe = load_recipe(recipe_path, overrides)
+        run_dir = new_run_dir(recipe, out)
+    ctx = prepare(recipe, run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        _log(f"run directory: {run_dir}")
+        first = _restore(ctx) if resume is not None else 0
+        for i in range(first, len(recipe.stages)):
+            stage = recipe.stages[i]
+            last_ckpt = _stage_dir(run_dir, i, stage.kind) / "checkpoints" / "last.ckpt"
+            run_stage(ctx, i, stage, ckpt_path=str(last_ckpt) if resume is not None and last_ckpt.exists() else None)
+    except CompressError:
+        if created and resume is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    from compress.report import finish
+
+    return finish(ctx)

@@ -1,0 +1,1 @@
+"""LightningModules that train and evaluate a (pruned) model."""

@@ -1,0 +1,257 @@
+"""Token pruning on timm ViTs: an in-place, reversible class swap (the tomesd way).
+
+``patch(model, policy)`` swaps each ``Block`` and its ``Attention`` for subclasses that call the
+original submodules (norm, attn, ls, drop_path, mlp), so LayerScale, qk-norm and prefix tokens keep
+working. Attention stays fused (SDPA) unless the policy asks a layer for its probabilities. The
+policy removes tokens physically by gathering; prefix tokens (CLS, distillation, registers) are
+never touched and stay in front. ``model._compress_tokens.state.index`` maps the surviving tokens to
+their original positions, so dense tasks can scatter results back. ``remove_patch`` restores the
+original classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
+
+from compress.errors import CompressError
+
+
+@dataclass
+class TokenState:
+    """What the policy knows about the current token set (reset at every forward)."""
+
+    num_prefix: int
+    index: torch.Tensor  # B x N long: original position of every current token
+    size: Optional[torch.Tensor] = None  # B x N float: how many original tokens each one stands for
+    extras: Dict[str, Any] = field(default_factory=dict)  # per-forward scratch space for policies
+    counts: list = field(default_factory=list)  # tokens entering each block, for tests and reports
+
+
+@dataclass
+class AttnInfo:
+    """What a block's attention exposes to the policy when asked (B x H x N x ...)."""
+
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    probs: Optional[torch.Tensor] = None
+
+
+class TokenPolicy:
+    """Base for token pruners' per-forward behaviour. Override what you need."""
+
+    prop_attn: bool = False  # add log(size) to attention logits when sizes are tracked
+
+    def needs(self, layer: int) -> Optional[str]:
+        """What block ``layer``'s attention must expose: None, "keys" or "probs"."""
+        return None
+
+    def after_attn(self, layer: int, x: torch.Tensor, info: AttnInfo, state: TokenState) -> torch.Tensor:
+        """Between attention and MLP (ToMe, GTP)."""
+        return x
+
+    def after_block(self, layer: int, x: torch.Tensor, info: AttnInfo, state: TokenState) -> torch.Tensor:
+        """Between two blocks (Zero-TPrune)."""
+        return x
+
+    def begin(self, x: torch.Tensor, state: TokenState) -> None:
+        """Called once per forward, before the first block."""
+
+
+class TokenRuntime:
+    """Stored on the model as ``_compress_tokens``: the policy plus the state of the last forward."""
+
+    def __init__(self, policy: TokenPolicy, num_prefix: int):
+        self.policy = policy
+        self.num_prefix = num_prefix
+        self.state: Optional[TokenState] = None
+
+    def reset(self, x: torch.Tensor) -> None:
+        B, N = x.shape[:2]
+        index = torch.arange(N, device=x.device).unsqueeze(0).expand(B, N)
+        self.state = TokenState(num_prefix=self.num_prefix, index=index)
+        self.policy.begin(x, self.state)
+
+
+class PrunableAttention(Attention):
+    """timm ``Attention`` that can expose q/k/probabilities and add a token-size bias."""
+
+    _compress_request: Optional[str] = None
+    _compress_info: Optional[AttnInfo] = None
+    _compress_bias: Optional[torch.Tensor] = None
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        request, bias = self._compress_request, self._compress_bias
+        if request is None and bias is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if getattr(self, "gate", None) is not None:
+            raise CompressError("token pruning does not support gated attention")
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = _combine_masks(attn_mask, bias, q.dtype)
+        info = self._compress_info
+        if request == "probs":
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                logits = logits + mask
+            probs = logits.softmax(dim=-1)
+            info.probs = probs
+            out = self.attn_drop(probs) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+            )
+        info.q, info.k = q, k
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+
+def _combine_masks(attn_mask, bias, dtype):
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is None:
+        return bias
+    return attn_mask if bias is None else attn_mask + bias
+
+
+class PrunableBlock(Block):
+    """timm ``Block`` with two policy hooks: after attention and after the block."""
+
+    _compress_layer: int = -1
+    _compress_runtime: Optional[TokenRuntime] = None
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        rt, layer = self._compress_runtime, self._compress_layer
+        if layer == 0:
+            rt.reset(x)
+        policy, state = rt.policy, rt.state
+        state.counts.append(x.shape[1])
+        info = AttnInfo()
+        self.attn._compress_request = policy.needs(layer)
+        self.attn._compress_info = info
+        self.attn._compress_bias = (
+            state.size.log()[:, None, None, :].to(x.dtype) if (policy.prop_attn and state.size is not None) else None
+        )
+        if attn_mask is not None and x.shape[1] != state.index.shape[1]:
+            raise CompressError("attention masks are not supported once tokens were removed")
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        x = policy.after_attn(layer, x, info, state)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = policy.after_block(layer, x, info, state)
+        self.attn._compress_info = None
+        return x
+
+
+def _swap_class(module: nn.Module, base: type, patched: type) -> None:
+    if type(module) is base:
+        module.__class__ = patched
+    elif not isinstance(module, patched):
+        raise CompressError(
+            f"token pruning supports timm {base.__name__} modules, found {type(module).__module__}.{type(module).__name__}"
+        )
+
+
+def patch(model: nn.Module, policy: TokenPolicy) -> TokenRuntime:
+    """Patch a timm ViT in place so ``policy`` can prune its tokens. Returns the runtime."""
+    if getattr(model, "_compress_tokens", None) is not None:
+        raise CompressError("this model already has a token pruner attached; detach it first")
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not len(blocks):
+        raise CompressError(f"token pruning needs a timm ViT with .blocks, got {type(model).__name__}")
+    for blk in blocks:
+        _swap_class(blk, Block, PrunableBlock)
+        _swap_class(blk.attn, Attention, PrunableAttention)
+    rt = TokenRuntime(policy, int(getattr(model, "num_prefix_tokens", 1)))
+    for i, blk in enumerate(blocks):
+        blk._compress_layer = i
+        blk._compress_runtime = rt
+    model._compress_tokens = rt
+    return rt
+
+
+def remove_patch(model: nn.Module) -> None:
+    rt = getattr(model, "_compress_tokens", None)
+    if rt is None:
+        return
+    for blk in model.blocks:
+        blk.__class__ = Block
+        blk.attn.__class__ = Attention
+        for name in ("_compress_layer", "_compress_runtime"):
+            blk.__dict__.pop(name, None)
+        for name in ("_compress_request", "_compress_info", "_compress_bias"):
+            blk.attn.__dict__.pop(name, None)
+    del model._compress_tokens
+
+
+# ---- helpers shared by token pruners --------------------------------------------------------
+
+
+def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor, sort: bool = True) -> torch.Tensor:
+    """Keep the prefix tokens plus the patch tokens at ``keep`` (B x K, indices among patch tokens).
+
+    Updates ``state.index``/``state.size``; with ``sort`` the kept tokens stay in original order.
+    """
+    P = state.num_prefix
+    if sort:
+        keep = keep.sort(dim=1).values
+    idx = keep + P
+    prefix = torch.arange(P, device=x.device).unsqueeze(0).expand(x.shape[0], P)
+    full = torch.cat([prefix, idx], dim=1)
+    state.index = state.index.gather(1, full)
+    if state.size is not None:
+        state.size = state.size.gather(1, full)
+    return x.gather(1, full.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def vit_geometry(model: nn.Module) -> Dict[str, Any]:
+    """Depth, width, MLP ratio, token count and prefix count of a timm ViT (for schedules)."""
+    blocks = model.blocks
+    dim = blocks[0].norm1.weight.shape[0] if hasattr(blocks[0].norm1, "weight") else model.embed_dim
+    hidden = blocks[0].mlp.fc1.out_features
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    grid = model.patch_embed.grid_size
+    return {
+        "depth": len(blocks),
+        "dim": dim,
+        "mlp_hidden": hidden,
+        "num_prefix": num_prefix,
+        "num_patches": int(grid[0] * grid[1]),
+    }
+
+
+def block_macs(n_attn: int, n_mlp: int, dim: int, hidden: int) -> float:
+    """MACs of one ViT block: qkv + proj + attention on ``n_attn`` tokens, the MLP on ``n_mlp``."""
+    return n_attn * 4 * dim * dim + 2 * n_attn * n_attn * dim + n_mlp * 2 * dim * hidden
+
+
+def schedule_macs_ratio(geometry: Dict[str, Any], tokens_per_block: list) -> float:
+    """Blocks' MACs for per-block token counts relative to dense (analytic; for solving budgets).
+
+    Each item is the token count entering the block, or ``(n_attn, n_mlp)`` when a pruner reduces
+    tokens between attention and MLP.
+    """
+    n0 = geometry["num_patches"] + geometry["num_prefix"]
+    d, h = geometry["dim"], geometry["mlp_hidden"]
+    dense = geometry["depth"] * block_macs(n0, n0, d, h)
+    pruned = 0.0
+    for item in tokens_per_block:
+        na, nm = item if isinstance(item, (tuple, list)) else (item, item)
+        pruned += block_macs(na, nm, d, h)
+    return pruned / dense
+
+
+def solve_monotone(fn, target: float, lo: float, hi: float, iters: int = 60) -> float:
+    """Bisection for ``fn(x) = target`` with ``fn`` increasing in x on [lo, hi]."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if fn(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
