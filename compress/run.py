@@ -76,12 +76,31 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
             f"model.kwargs.num_classes: {recipe.model.name} has {num_classes} classes but data.kind "
             f"{recipe.data.kind!r} has {source.num_classes}"
         )
+    check_pruners(recipe, model)
     # Touch the datasets now so a missing root or split fails before the run directory exists.
     if any(s.trains for s in recipe.stages):
         source.dataset("train", model, train=True)
     if recipe.evaluate.enabled:
         source.dataset(recipe.evaluate.split, model, train=False)
     return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)))
+
+
+def check_pruners(recipe: Recipe, model: nn.Module) -> None:
+    """Attach every prune stage's pruner to a throw-away copy of the model, in order, so errors that
+    depend on the model (e.g. a schedule past its depth) fail now, not after the earlier stages trained."""
+    from compress.pruners.base import build_pruner
+
+    stages = [(i, s) for i, s in enumerate(recipe.stages) if s.pruner is not None]
+    if not stages:
+        return
+    trial = copy.deepcopy(model)
+    for i, stage in stages:
+        where = f"stages[{i}].pruner"
+        try:
+            build_pruner(stage.pruner.model_dump(), where=where).attach(trial)
+        except (CompressError, ValueError) as e:
+            msg = str(e)
+            raise CompressError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def _epoch_log_cls():

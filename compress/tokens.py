@@ -51,6 +51,11 @@ class TokenPolicy:
         """What block ``layer``'s attention must expose: None, "keys" or "probs"."""
         return None
 
+    def edit_probs(self, layer: int, probs: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """Edit block ``layer``'s attention probabilities before they weight the values (only where
+        ``needs`` asked for "probs"; e.g. GTP's attention sparsity). Default: unchanged."""
+        return probs
+
     def after_attn(self, layer: int, x: torch.Tensor, info: AttnInfo, state: TokenState) -> torch.Tensor:
         """Between attention and MLP (ToMe, GTP)."""
         return x
@@ -84,6 +89,7 @@ class PrunableAttention(Attention):
     _compress_request: Optional[str] = None
     _compress_info: Optional[AttnInfo] = None
     _compress_bias: Optional[torch.Tensor] = None
+    _compress_edit: Optional[Any] = None  # callable probs -> probs, set by the block for "probs"
 
     def forward(self, x, attn_mask=None, is_causal=False):
         request, bias = self._compress_request, self._compress_bias
@@ -101,6 +107,8 @@ class PrunableAttention(Attention):
             if mask is not None:
                 logits = logits + mask
             probs = logits.softmax(dim=-1)
+            if self._compress_edit is not None:
+                probs = self._compress_edit(probs)
             info.probs = probs
             out = self.attn_drop(probs) @ v
         else:
@@ -135,6 +143,8 @@ class PrunableBlock(Block):
         info = AttnInfo()
         self.attn._compress_request = policy.needs(layer)
         self.attn._compress_info = info
+        if type(policy).edit_probs is not TokenPolicy.edit_probs:
+            self.attn._compress_edit = lambda probs: policy.edit_probs(layer, probs, state)
         self.attn._compress_bias = (
             state.size.log()[:, None, None, :].to(x.dtype) if (policy.prop_attn and state.size is not None) else None
         )
@@ -145,6 +155,7 @@ class PrunableBlock(Block):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         x = policy.after_block(layer, x, info, state)
         self.attn._compress_info = None
+        self.attn._compress_edit = None
         return x
 
 
@@ -184,7 +195,7 @@ def remove_patch(model: nn.Module) -> None:
         blk.attn.__class__ = Attention
         for name in ("_compress_layer", "_compress_runtime"):
             blk.__dict__.pop(name, None)
-        for name in ("_compress_request", "_compress_info", "_compress_bias"):
+        for name in ("_compress_request", "_compress_info", "_compress_bias", "_compress_edit"):
             blk.attn.__dict__.pop(name, None)
     del model._compress_tokens
 

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from compress import tokens
+from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
 from compress.pruners.token.base import TokenPruner
 from compress.registry import register_pruner
@@ -151,11 +152,11 @@ class ZeroTPrune(TokenPruner):
             ]
         for layer in layers:
             if layer.block >= depth - 1:
-                raise ValueError(f"pruning after block {layer.block} of a {depth}-block model removes nothing useful")
+                raise CompressError(f"zero_tprune.schedule: pruning after block {layer.block} of a {depth}-block model removes nothing useful")
         self.layers = {layer.block: layer for layer in layers}
         if cfg.wpr_iters is not None:
             if len(cfg.wpr_iters) != depth:
-                raise ValueError(f"wpr_iters has {len(cfg.wpr_iters)} entries for a {depth}-block model")
+                raise CompressError(f"zero_tprune.wpr_iters: {len(cfg.wpr_iters)} entries for a {depth}-block model")
             self.iters = list(cfg.wpr_iters)
         else:
             self.iters = [30 if i < 3 else (1 if i >= depth - 3 else 8) for i in range(depth)]

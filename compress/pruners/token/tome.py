@@ -1,0 +1,164 @@
+"""ToMe (Bolya et al., ICLR 2023): token merging by bipartite soft matching, zero-shot.
+
+In every block, between attention and MLP, ``r`` patch tokens are merged into their most similar
+partner: the metric is the attention keys averaged over heads and L2-normalised; the current
+tokens are split alternately into A (even positions) and B (odd positions); every A token picks its
+most cosine-similar B token, and the ``r`` A tokens with the highest such similarity are merged
+into it by a size-weighted mean. Prefix tokens (CLS, distillation, registers) are never merged and
+stay in front; the new order is [prefix, unmerged A, B]. Sizes are tracked in ``state.size`` and
+used for proportional attention (+log size on the logits). A merged token keeps the original index
+of its B token. See docs/methods.md §B1. Written from the paper and that spec (no code reuse).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from compress import tokens
+from compress.pruners.base import PrunerConfig
+from compress.pruners.token.base import TokenPruner
+from compress.registry import register_pruner
+
+
+# ---- the method's pieces, as plain tensor functions ------------------------------------------
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` is B x N (x C); ``idx`` B x K -> B x K (x C)."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def bipartite_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: torch.Tensor,
+    index: torch.Tensor,
+    r: int,
+    num_prefix: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge ``r`` tokens of ``x`` (B x N x C) by bipartite soft matching on ``metric`` (B x N x D).
+
+    ``size`` (B x N) and ``index`` (B x N) are carried along. Returns (x, size, index) with N - r
+    tokens in the order [prefix, unmerged A (original order), B]. ``r`` is capped so that at least
+    one token of each side survives.
+    """
+    N = x.shape[1]
+    P = num_prefix
+    pos = torch.arange(P, N, device=x.device)
+    a_pos, b_pos = pos[pos % 2 == 0], pos[pos % 2 == 1]
+    r = min(r, a_pos.numel(), (N - P) // 2)
+    if r <= 0 or b_pos.numel() == 0:
+        return x, size, index
+    B = x.shape[0]
+    metric = F.normalize(metric.float(), dim=-1)
+    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # B x Na x Nb cosine
+    best, best_b = scores.max(dim=-1)
+    order = best.argsort(dim=1, descending=True)
+    src = order[:, :r]  # A tokens that merge
+    unm = order[:, r:].sort(dim=1).values  # A tokens that stay, in their original order
+    dst = best_b.gather(1, src)  # their B partners
+
+    xa, xb = x[:, a_pos], x[:, b_pos]
+    sa, sb = size[:, a_pos].to(x.dtype), size[:, b_pos].to(x.dtype)
+    # size-weighted mean: sum(s * x) / sum(s) over each B token and the A tokens merged into it
+    num = (xb * sb.unsqueeze(-1)).scatter_reduce(
+        1, dst.unsqueeze(-1).expand(B, r, x.shape[-1]), _gather_rows(xa * sa.unsqueeze(-1), src), reduce="sum"
+    )
+    den = sb.scatter_reduce(1, dst, sa.gather(1, src), reduce="sum")
+    xb_new = num / den.unsqueeze(-1)
+
+    x_out = torch.cat([x[:, :P], _gather_rows(xa, unm), xb_new], dim=1)
+    size_out = torch.cat([size[:, :P], size[:, a_pos].gather(1, unm), den.to(size.dtype)], dim=1)
+    index_out = torch.cat([index[:, :P], index[:, a_pos].gather(1, unm), index[:, b_pos]], dim=1)
+    return x_out, size_out, index_out
+
+
+def merged_counts(n0: int, num_prefix: int, rs: List[int]) -> List[Tuple[int, int]]:
+    """(tokens in attention, tokens in MLP) per block for merges of ``rs`` (capped as in the merge)."""
+    n, counts = n0, []
+    for r in rs:
+        m = n - num_prefix
+        a = (n + 1) // 2 - (num_prefix + 1) // 2  # even positions among num_prefix..n-1
+        r_eff = max(min(r, a, m // 2), 0) if m - a > 0 else 0
+        counts.append((n, n - r_eff))
+        n -= r_eff
+    return counts
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+class ToMeConfig(PrunerConfig):
+    r: Optional[int] = Field(None, ge=0, description="tokens merged in every block (default 8 without a budget)")
+    r_schedule: Optional[List[int]] = Field(None, description="explicit r per block (one entry per block)")
+    target_gmacs_ratio: Optional[float] = Field(
+        None, gt=0, le=1, description="budget instead of r: the blocks' MACs relative to dense; solved to a constant r"
+    )
+    prop_attn: bool = Field(True, description="proportional attention (+log size); False for MAE / training")
+
+    @model_validator(mode="after")
+    def _exclusive(self):
+        given = [k for k in ("r", "r_schedule", "target_gmacs_ratio") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of r, r_schedule, target_gmacs_ratio (got {', '.join(given)})")
+        if self.r_schedule is not None and any(v < 0 for v in self.r_schedule):
+            raise ValueError("r_schedule entries must be >= 0")
+        return self
+
+
+DEFAULT_R = 8
+
+
+@register_pruner("tome")
+class ToMe(TokenPruner):
+    """Token merging (bipartite soft matching) between attention and MLP in every block."""
+
+    name = "tome"
+    Config = ToMeConfig
+
+    def __init__(self, config=None, **params):
+        super().__init__(config, **params)
+        self.prop_attn = bool(self.config.prop_attn)
+
+    # -- planning ---------------------------------------------------------------------------
+    def _counts(self, geometry, rs: List[int]) -> List[Tuple[int, int]]:
+        return merged_counts(geometry["num_patches"] + geometry["num_prefix"], geometry["num_prefix"], rs)
+
+    def plan(self, geometry) -> None:
+        cfg, depth = self.config, geometry["depth"]
+        if cfg.r_schedule is not None:
+            if len(cfg.r_schedule) != depth:
+                raise ValueError(f"r_schedule has {len(cfg.r_schedule)} entries for a {depth}-block model")
+            rs = list(cfg.r_schedule)
+        elif cfg.target_gmacs_ratio is not None:
+            # the ratio falls monotonically with r: take the constant r whose ratio is nearest
+            n_max = (geometry["num_patches"] + 1) // 2
+            ratios = [tokens.schedule_macs_ratio(geometry, self._counts(geometry, [r] * depth)) for r in range(n_max + 1)]
+            r = min(range(n_max + 1), key=lambda i: abs(ratios[i] - cfg.target_gmacs_ratio))
+            rs = [r] * depth
+        else:
+            rs = [cfg.r if cfg.r is not None else DEFAULT_R] * depth
+        self.rs = rs
+
+    def expected_tokens(self) -> list:
+        return self._counts(self.geometry, self.rs)
+
+    # -- per forward ----------------------------------------------------------------------
+    def needs(self, layer: int) -> Optional[str]:
+        return "keys" if self.rs[layer] > 0 else None
+
+    def begin(self, x, state) -> None:
+        state.size = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
+
+    def after_attn(self, layer, x, info, state):
+        r = self.rs[layer]
+        if r <= 0:
+            return x
+        metric = info.k.mean(dim=1)  # B x N x head_dim
+        x, state.size, state.index = bipartite_merge(x, metric, state.size, state.index, r, state.num_prefix)
+        return x

@@ -1,0 +1,139 @@
+"""Zero-TPrune: the method's pieces against independent computations, and the pruner's schedule."""
+import compress  # noqa: F401
+
+import re
+
+import pytest
+import timm
+import torch
+
+from compress.measure import count_gmacs
+from compress.pruners.base import build_pruner
+from compress.pruners.token.zero_tprune import (
+    aggregate_heads,
+    initial_scores,
+    similarity_victims,
+    weighted_pagerank,
+)
+
+
+def row_stochastic(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(*shape, generator=g, dtype=torch.float64) ** 4 + 1e-3
+    return a / a.sum(-1, keepdim=True)
+
+
+def test_wpr_converges_to_the_stationary_distribution():
+    attn = row_stochastic(3, 2, 20, 20)
+    init = initial_scores((3, 2), 20, "sqrt_n", "cpu", torch.float64)
+    s = weighted_pagerank(attn, 50, init)
+    for b in range(3):
+        for h in range(2):
+            vals, vecs = torch.linalg.eig(attn[b, h].T)
+            v = vecs[:, vals.real.argmax()].real
+            v = v / v.sum()
+            assert torch.allclose(s[b, h], v, atol=1e-8)
+
+
+def test_one_wpr_iteration_from_uniform_is_the_column_sum():
+    attn = row_stochastic(2, 3, 11, 11, seed=1)
+    init = initial_scores((2, 3), 11, "uniform", "cpu", torch.float64)
+    s = weighted_pagerank(attn, 1, init)
+    assert torch.allclose(s, attn.sum(-2) / 11)
+    assert torch.allclose(s.sum(-1), torch.ones(2, 3, dtype=torch.float64))  # mass is conserved
+
+
+def test_cls_starts_sqrt_n_higher():
+    s = initial_scores((1,), 16, "sqrt_n", "cpu", torch.float64)[0]
+    assert torch.isclose(s[0] / s[1], torch.tensor(4.0, dtype=torch.float64))
+    assert torch.isclose(s.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_head_aggregation_is_rms_over_heads_in_the_band():
+    m = 8
+    flat = torch.full((m,), 1.0 / m)  # variance 0: filtered out (collapsed head)
+    peaked = torch.zeros(m); peaked[0] = 1.0  # variance m-1 = 7: filtered out (edge head)
+    mid = torch.tensor([0.2, 0.1, 0.15, 0.1, 0.15, 0.1, 0.1, 0.1])  # rescaled variance 0.1: kept
+    mid2 = mid.flip(0)
+    scores = torch.stack([flat, peaked, mid, mid2]).unsqueeze(0)
+    out = aggregate_heads(scores, (0.01, 0.7))
+    expected = ((mid * m) ** 2 + (mid2 * m) ** 2).div(2).sqrt()
+    assert torch.allclose(out[0], expected)
+    # nothing in the band: all heads are used
+    out_all = aggregate_heads(scores[:, :2], (0.01, 0.7))
+    assert torch.allclose(out_all[0], ((flat * m) ** 2 + (peaked * m) ** 2).div(2).sqrt())
+
+
+def test_similarity_stage_removes_duplicates_of_important_tokens():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 10, 16, generator=g)
+    importance = torch.arange(10, 0, -1).float().unsqueeze(0)  # token 0 most important
+    keys[0, 8] = keys[0, 1] * 3  # an unimportant near-copy of an important token
+    keys[0, 9] = keys[0, 2] + 0.01
+    victims = similarity_victims(keys, importance, 2)
+    assert sorted(victims[0].tolist()) == [8, 9]
+
+
+def deit(name="deit_small_patch16_224", **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kw).eval()
+
+
+def test_default_schedule_cuts_deit_small_gmacs_by_a_third():
+    model = deit()
+    x = torch.randn(1, 3, 224, 224)
+    dense = count_gmacs(model, x)
+    build_pruner({"name": "zero_tprune"}).attach(model)
+    ratio = count_gmacs(model, x) / dense
+    assert 0.64 <= ratio <= 0.67, ratio  # the paper's operating point: -34.7 % FLOPs
+
+
+@pytest.mark.parametrize("target", [0.5, 0.65, 0.8])
+def test_target_gmacs_ratio_is_met(target):
+    model = deit("deit_tiny_patch16_224")
+    x = torch.randn(1, 3, 224, 224)
+    dense = count_gmacs(model, x)
+    build_pruner({"name": "zero_tprune", "target_gmacs_ratio": target}).attach(model)
+    assert abs(count_gmacs(model, x) / dense - target) < 0.03
+
+
+def test_schedule_is_followed_and_prefix_kept(tiny_vit):
+    spec = {"name": "zero_tprune", "schedule": [{"block": 0, "s_ratio": 0.25, "i_ratio": 0.25}]}
+    pruner = build_pruner(spec)
+    pruner.attach(tiny_vit)
+    with torch.no_grad():
+        tiny_vit(torch.randn(2, 3, 32, 32))
+    state = tiny_vit._compress_tokens.state
+    assert state.counts == [17, 9, 9] == pruner.expected_tokens()
+    assert torch.all(state.index[:, 0] == 0)
+
+
+def test_distilled_model_keeps_both_prefix_tokens():
+    model = deit("deit_tiny_distilled_patch16_224", img_size=64)
+    build_pruner({"name": "zero_tprune", "schedule": [{"block": 1, "s_ratio": 0.3, "i_ratio": 0.3}]}).attach(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    state = model._compress_tokens.state
+    assert state.counts[2] == 2 + 16 - round(0.3 * 16) * 2
+    assert torch.equal(state.index[:, :2], torch.tensor([[0, 1], [0, 1]]))
+
+
+def test_zero_budget_is_dense(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = tiny_vit(x)
+    build_pruner({"name": "zero_tprune", "schedule": [{"block": 0}]}).attach(tiny_vit)
+    with torch.no_grad():
+        assert torch.allclose(tiny_vit(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"schedule": [{"block": 0, "s_ratio": 0.6, "i_ratio": 0.5}]}, "s_ratio + i_ratio"),
+    ({"schedule": [{"block": 0}], "target_gmacs_ratio": 0.5}, "either schedule or target"),
+    ({"target_gmacs_ratio": 1.5}, "target_gmacs_ratio"),
+    ({"head_band": [0.7, 0.1]}, "head_band"),
+    ({"iters": 3}, "unknown key"),
+])
+def test_bad_config_is_a_clear_error(bad, where):
+    with pytest.raises(compress.CompressError, match=re.escape(where)):
+        build_pruner({"name": "zero_tprune", **bad}, where="stages[0].pruner")
