@@ -21,6 +21,16 @@ def _batch_sizes(text: str) -> List[int]:
     return sizes
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description="Prune vision models while they train.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -37,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, required=True, help="export folder")
     e.add_argument("--data", required=True, metavar="KIND:ROOT", help="e.g. imagenet:/data/imagenet")
     e.add_argument("--split", default="val")
-    e.add_argument("--limit", type=int)
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--limit", type=_positive)
+    e.add_argument("--batch-size", type=_positive, default=64)
     e.add_argument("--workers", type=int, default=4)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", type=Path, help="also write the results here")
@@ -49,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--recipe", type=Path, help="recipe: apply its prune stages zero-shot and compare")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
-    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--repeats", type=_positive, default=10)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", type=Path)
 

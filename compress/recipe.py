@@ -131,6 +131,16 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @model_validator(mode="after")
+    def _teacher_needs_prune(self):
+        seen_prune = False
+        for i, stage in enumerate(self.stages):
+            seen_prune |= stage.kind == "prune"
+            if stage.distill is not None and stage.distill.teacher == "dense" and not seen_prune:
+                raise ValueError(f"stages[{i}].distill.teacher: 'dense' is the model before the first prune stage, "
+                                 "but no prune stage comes before this one")
+        return self
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:

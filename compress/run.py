@@ -77,6 +77,9 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
             f"{recipe.data.kind!r} has {source.num_classes}"
         )
     check_pruners(recipe, model)
+    for i, stage in enumerate(recipe.stages):
+        if stage.distill is not None and stage.distill.checkpoint is not None and not Path(stage.distill.checkpoint).is_file():
+            raise CompressError(f"stages[{i}].distill.checkpoint: file not found: {stage.distill.checkpoint}")
     # Touch the datasets now so a missing root or split fails before the run directory exists.
     if any(s.trains for s in recipe.stages):
         source.dataset("train", model, train=True)
@@ -314,7 +317,8 @@ def fit(recipe_path=None, overrides=None, out=None, resume=None) -> Dict[str, An
             last_ckpt = _stage_dir(run_dir, i, stage.kind) / "checkpoints" / "last.ckpt"
             run_stage(ctx, i, stage, ckpt_path=str(last_ckpt) if resume is not None and last_ckpt.exists() else None)
     except CompressError:
-        if created and resume is None:
+        # Remove a run that produced nothing; keep completed stages so --resume can continue.
+        if created and resume is None and not any((run_dir / "stages").glob(f"*/{DONE}")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     from compress.report import finish

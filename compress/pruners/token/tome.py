@@ -47,34 +47,37 @@ def bipartite_merge(
     tokens in the order [prefix, unmerged A (original order), B]. ``r`` is capped so that at least
     one token of each side survives.
     """
-    N = x.shape[1]
+    B, N, C = x.shape
     P = num_prefix
-    pos = torch.arange(P, N, device=x.device)
-    a_pos, b_pos = pos[pos % 2 == 0], pos[pos % 2 == 1]
-    r = min(r, a_pos.numel(), (N - P) // 2)
-    if r <= 0 or b_pos.numel() == 0:
+    a_pos = torch.arange(0, N, 2, device=x.device)
+    b_pos = torch.arange(1, N, 2, device=x.device)
+    a_pre, b_pre = (P + 1) // 2, P // 2  # prefix tokens on each side (the first ones)
+    r = min(r, a_pos.numel() - a_pre, (N - P) // 2)
+    if r <= 0 or b_pos.numel() == b_pre:
         return x, size, index
-    B = x.shape[0]
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # B x Na x Nb cosine
+    # prefix tokens neither merge (rows) nor receive merges (columns)
+    scores[:, :a_pre, :] = float("-inf")
+    scores[:, :, :b_pre] = float("-inf")
     best, best_b = scores.max(dim=-1)
     order = best.argsort(dim=1, descending=True)
     src = order[:, :r]  # A tokens that merge
-    unm = order[:, r:].sort(dim=1).values  # A tokens that stay, in their original order
+    unm = order[:, r:].sort(dim=1).values[:, a_pre:]  # A tokens that stay, original order, prefix dropped
     dst = best_b.gather(1, src)  # their B partners
 
     xa, xb = x[:, a_pos], x[:, b_pos]
     sa, sb = size[:, a_pos].to(x.dtype), size[:, b_pos].to(x.dtype)
     # size-weighted mean: sum(s * x) / sum(s) over each B token and the A tokens merged into it
     num = (xb * sb.unsqueeze(-1)).scatter_reduce(
-        1, dst.unsqueeze(-1).expand(B, r, x.shape[-1]), _gather_rows(xa * sa.unsqueeze(-1), src), reduce="sum"
+        1, dst.unsqueeze(-1).expand(B, r, C), _gather_rows(xa * sa.unsqueeze(-1), src), reduce="sum"
     )
     den = sb.scatter_reduce(1, dst, sa.gather(1, src), reduce="sum")
-    xb_new = num / den.unsqueeze(-1)
+    xb_new = (num / den.unsqueeze(-1))[:, b_pre:]
 
     x_out = torch.cat([x[:, :P], _gather_rows(xa, unm), xb_new], dim=1)
-    size_out = torch.cat([size[:, :P], size[:, a_pos].gather(1, unm), den.to(size.dtype)], dim=1)
-    index_out = torch.cat([index[:, :P], index[:, a_pos].gather(1, unm), index[:, b_pos]], dim=1)
+    size_out = torch.cat([size[:, :P], size[:, a_pos].gather(1, unm), den[:, b_pre:].to(size.dtype)], dim=1)
+    index_out = torch.cat([index[:, :P], index[:, a_pos].gather(1, unm), index[:, b_pos][:, b_pre:]], dim=1)
     return x_out, size_out, index_out
 
 
@@ -84,7 +87,7 @@ def merged_counts(n0: int, num_prefix: int, rs: List[int]) -> List[Tuple[int, in
     for r in rs:
         m = n - num_prefix
         a = (n + 1) // 2 - (num_prefix + 1) // 2  # even positions among num_prefix..n-1
-        r_eff = max(min(r, a, m // 2), 0) if m - a > 0 else 0
+        r_eff = max(min(r, a, m // 2), 0) if m - a > 0 else 0  # as capped in bipartite_merge
         counts.append((n, n - r_eff))
         n -= r_eff
     return counts
