@@ -37,6 +37,18 @@ class RunContext:
     metrics: Dict[str, Any] = field(default_factory=dict)
 
 
+def _quiet_lightning() -> None:
+    """Silence Lightning messages that are expected in this runner (no val loader, tips)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def _log(msg: str) -> None:
     print(f"[compress] {msg}", flush=True)
 
@@ -67,6 +79,7 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
 
     from compress.models import build_model
 
+    _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     source = build_source(recipe)
     model = build_model(recipe.model)

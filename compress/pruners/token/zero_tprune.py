@@ -10,7 +10,7 @@ mean 1 over the patch tokens (the paper does not state the scale).
 from __future__ import annotations
 
 import math
-from typing import List, Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple, Union
 
 import torch
 from pydantic import Field, model_validator
@@ -106,7 +106,9 @@ class ZeroTPruneConfig(PrunerConfig):
         None, gt=0, le=1, description="budget instead of a schedule: the blocks' MACs relative to dense"
     )
     similarity_share: float = Field(0.5, ge=0, le=1, description="share of removals done by the S-stage")
-    wpr_iters: Optional[List[int]] = Field(None, description="WPR iterations per block; default 30 / 8 / 1")
+    wpr_iters: Optional[Union[int, List[int]]] = Field(
+        None, description="WPR iterations: one number, or one per block; default 30 / 8 / 1 (first 3 / middle / last 3)"
+    )
     cls_init: Literal["sqrt_n", "uniform"] = "sqrt_n"
     head_band: Tuple[float, float] = Field((0.01, 0.7), description="VHF variance band [v_min, v_max]")
 
@@ -154,7 +156,9 @@ class ZeroTPrune(TokenPruner):
             if layer.block >= depth - 1:
                 raise CompressError(f"zero_tprune.schedule: pruning after block {layer.block} of a {depth}-block model removes nothing useful")
         self.layers = {layer.block: layer for layer in layers}
-        if cfg.wpr_iters is not None:
+        if isinstance(cfg.wpr_iters, int):
+            self.iters = [cfg.wpr_iters] * depth
+        elif cfg.wpr_iters is not None:
             if len(cfg.wpr_iters) != depth:
                 raise CompressError(f"zero_tprune.wpr_iters: {len(cfg.wpr_iters)} entries for a {depth}-block model")
             self.iters = list(cfg.wpr_iters)
