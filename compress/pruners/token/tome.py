@@ -49,11 +49,11 @@ def bipartite_merge(
     """
     B, N, C = x.shape
     P = num_prefix
-    a_pos = torch.arange(0, N, 2, device=x.device)
-    b_pos = torch.arange(1, N, 2, device=x.device)
+    a_pos, b_pos = slice(0, None, 2), slice(1, None, 2)  # strided views, no copies
+    n_a = (N + 1) // 2
     a_pre, b_pre = (P + 1) // 2, P // 2  # prefix tokens on each side (the first ones)
-    r = min(r, a_pos.numel() - a_pre, (N - P) // 2)
-    if r <= 0 or b_pos.numel() == b_pre:
+    r = min(r, n_a - a_pre, (N - P) // 2)
+    if r <= 0 or N - n_a == b_pre:
         return x, size, index
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # B x Na x Nb cosine
