@@ -62,12 +62,12 @@ def test_run_directory_layout(run):
     assert recipe["model"]["kwargs"] == {"depth": DEPTH}  # the resolved recipe, overrides applied
     assert recipe["stages"][1]["pruner"]["schedule"][1]["block"] == 2
     stage_dirs = sorted(p.name for p in (run_dir / "stages").iterdir() if p.is_dir())
-    assert stage_dirs == ["0-finetune", "1-prune", "2-finetune"]
+    assert stage_dirs == ["0-finetune", "1-prune", "2-distill"]
     for name in stage_dirs:
         done = json.loads((run_dir / "stages" / name / "done.json").read_text())
         assert done["stage"] == int(name[0])
         assert (run_dir / "stages" / name / "model.safetensors").is_file()
-    assert (run_dir / "stages" / "2-finetune" / "logs" / "metrics.csv").is_file()
+    assert (run_dir / "stages" / "2-distill" / "logs" / "metrics.csv").is_file()
     export = run_dir / "export"
     for f in ("model.safetensors", "compress.json", "recipe.yaml"):
         assert (export / f).is_file(), f
@@ -127,7 +127,7 @@ def test_export_weights_are_the_last_stage(run):
     from safetensors.torch import load_file
 
     _, run_dir = run
-    final = load_file(str(run_dir / "stages" / "2-finetune" / "model.safetensors"))
+    final = load_file(str(run_dir / "stages" / "2-distill" / "model.safetensors"))
     exported = load_file(str(run_dir / "export" / "model.safetensors"))
     assert final.keys() == exported.keys()
     assert all(torch.equal(final[k], exported[k]) for k in final)
@@ -139,11 +139,11 @@ def test_resume_completes_an_interrupted_run(run, tmp_path):
     _, run_dir = run
     copy = tmp_path / run_dir.name
     shutil.copytree(run_dir, copy)
-    (copy / "stages" / "2-finetune" / "done.json").unlink()
+    (copy / "stages" / "2-distill" / "done.json").unlink()
     shutil.rmtree(copy / "export")
     (copy / "metrics.json").unlink()
     metrics = fit(resume=copy)
-    assert (copy / "stages" / "2-finetune" / "done.json").is_file()
+    assert (copy / "stages" / "2-distill" / "done.json").is_file()
     assert (copy / "metrics.json").is_file()
     for f in ("model.safetensors", "compress.json", "recipe.yaml"):
         assert (copy / "export" / f).is_file()
