@@ -137,3 +137,18 @@ def test_zero_budget_is_dense(tiny_vit):
 def test_bad_config_is_a_clear_error(bad, where):
     with pytest.raises(compress.CompressError, match=re.escape(where)):
         build_pruner({"name": "zero_tprune", **bad}, where="stages[0].pruner")
+
+
+def test_masked_wpr_equals_wpr_on_the_gathered_subgraph():
+    attn = row_stochastic(2, 3, 12, 12, seed=3)
+    keep = torch.tensor([0, 1, 3, 4, 7, 8, 11])
+    alive = torch.zeros(12, dtype=torch.float64)
+    alive[keep] = 1
+    alive = alive.expand(2, 1, 12)
+    sub = attn[:, :, keep][:, :, :, keep]
+    sub = sub / sub.sum(-1, keepdim=True)
+    ref = weighted_pagerank(sub, 7, initial_scores((2, 3), len(keep), "sqrt_n", "cpu", torch.float64))
+    init = initial_scores((2, 3), 12, "sqrt_n", "cpu", torch.float64, alive)
+    out = weighted_pagerank(attn, 7, init, alive)
+    assert torch.allclose(out[..., keep], ref)
+    assert torch.all(out[..., [2, 5, 6, 9, 10]] == 0)
