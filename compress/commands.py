@@ -117,11 +117,11 @@ def export_run(run_dir: Path, out: Path) -> Path:
 
     import yaml
 
-    from compress.export import read_manifest, save
-    from compress.models.build import model_spec
-    from compress.recipe import dump_recipe, recipe_from_dict
-    from compress.run import RunContext, _restore, build_source
+    from compress.export import read_manifest
     from compress.models import build_model
+    from compress.recipe import recipe_from_dict
+    from compress.report import export_context
+    from compress.run import RunContext, _restore, build_source
 
     if not (run_dir / "recipe.yaml").is_file():
         raise CompressError(f"--run: {run_dir} is not a run directory (no recipe.yaml)")
@@ -141,12 +141,9 @@ def export_run(run_dir: Path, out: Path) -> Path:
     if _restore(ctx) == 0:
         raise CompressError(f"--run: {run_dir} has no completed stage to export")
     ctx.input_size = tuple(ctx.source.input_size(model))
-    edits = [p.finalize(model) for p in ctx.pruners]
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else ctx.metrics
-    save(model, out, model_spec(recipe.model.name, recipe.model.kwargs), ctx.pruners, edits, dump_recipe(recipe),
-         metrics, input_size=ctx.input_size)
-    return out
+    return export_context(ctx, out, metrics)
 
 
 def describe_pruners() -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch.nn as nn
 
@@ -58,10 +58,19 @@ def summary_table(metrics: Dict[str, Any]) -> str:
     return table(rows, cols) + "\n(ratio row: pruned/dense for GMACs, params, images/s; difference in points for accuracy)"
 
 
-def finish(ctx) -> Dict[str, Any]:
+def export_context(ctx, out, metrics: Dict[str, Any]):
+    """Finalize the pruners of a run and write its export folder."""
     from compress.export import save
     from compress.models.build import model_spec
     from compress.recipe import dump_recipe
+
+    recipe = ctx.recipe
+    edits = [p.finalize(ctx.model) for p in ctx.pruners]
+    return save(ctx.model, out, model_spec(recipe.model.name, recipe.model.kwargs), ctx.pruners, edits,
+                dump_recipe(recipe), _exportable(metrics), input_size=ctx.input_size)
+
+
+def finish(ctx) -> Dict[str, Any]:
     from compress.run import _device, _log, evaluate_model
 
     recipe = ctx.recipe
@@ -74,11 +83,9 @@ def finish(ctx) -> Dict[str, Any]:
     if recipe.evaluate.bench:
         dense = ctx.dense if ctx.dense is not None else model
         metrics["bench"] = compare(dense, model, ctx.input_size, (recipe.evaluate.batch_size,), _device(recipe))
-    edits = [p.finalize(model) for p in ctx.pruners]
     if recipe.export.enabled:
         out = recipe.export.dir or (ctx.run_dir / "export")
-        save(model, out, model_spec(recipe.model.name, recipe.model.kwargs), ctx.pruners, edits, dump_recipe(recipe),
-             _exportable(metrics), input_size=ctx.input_size)
+        export_context(ctx, out, metrics)
         metrics["export"] = str(out)
         _log(f"exported to {out}")
     (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")

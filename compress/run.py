@@ -119,28 +119,11 @@ def check_pruners(recipe: Recipe, model: nn.Module) -> None:
             raise CompressError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
-def _epoch_log_cls():
-    import lightning.pytorch as pl
-
-    class EpochLog(pl.Callback):
-        """One line per epoch when there is no progress bar (logs, CI, pipes)."""
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-            text = ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(m.items()))
-            _log(f"  epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {text}")
-
-    return EpochLog
-
-
-def EpochLog():
-    return _epoch_log_cls()()
-
-
 def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from compress.callbacks import EpochLog
     from compress.strategies import resolve_strategy
 
     t = recipe.trainer

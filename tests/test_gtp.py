@@ -4,10 +4,7 @@ detach, export round trip and the GMACs budget."""
 import compress  # noqa: F401  (first: torchvision guard before timm)
 
 import pytest
-import timm
 import torch
-from timm.layers.attention import Attention
-from timm.models.vision_transformer import Block
 
 from compress import export
 from compress.errors import CompressError
@@ -25,25 +22,8 @@ from compress.pruners.token.gtp import (
     spatial_graph,
 )
 from compress.registry import PRUNERS
+from vit_zoo import DIST, LS, VIT, assert_unpatched, images, make
 
-VIT = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10))  # 64 patches + CLS
-LS = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10, init_values=1e-5))
-DIST = ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8, depth=3, num_classes=10))  # 64 + 2
-
-
-def make(cfg, seed=0):
-    name, kw = cfg
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **kw).eval()
-    if kw.get("init_values"):
-        for blk in model.blocks:  # LayerScale far from identity, so ignoring it would show
-            blk.ls1.gamma.data.uniform_(0.5, 1.5)
-            blk.ls2.gamma.data.uniform_(0.5, 1.5)
-    return model
-
-
-def images(n=2, seed=1):
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def attach(model, **params):
@@ -249,9 +229,7 @@ def test_detach_restores_the_original_classes():
     with torch.no_grad():
         model(x)
     pruner.detach(model)
-    assert all(type(b) is Block and type(b.attn) is Attention for b in model.blocks)
-    assert not hasattr(model, "_compress_tokens")
-    assert not any(k.startswith("_compress") for b in model.blocks for k in list(vars(b)) + list(vars(b.attn)))
+    assert_unpatched(model)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
 

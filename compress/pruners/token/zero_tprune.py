@@ -9,7 +9,6 @@ mean 1 over the patch tokens (the paper does not state the scale).
 """
 from __future__ import annotations
 
-import math
 from typing import List, Literal, Optional, Tuple, Union
 
 import torch

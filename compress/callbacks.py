@@ -1,0 +1,14 @@
+"""Lightning callbacks the stage runner adds (imported only when a stage trains)."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+
+class EpochLog(pl.Callback):
+    """One line per epoch when there is no progress bar (logs, CI, pipes)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        text = ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(m.items()))
+        print(f"[compress]   epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {text}",
+              flush=True)

@@ -1,0 +1,33 @@
+"""Small random-weight timm ViT configs shared by the token-pruner tests (64 px, 8 px patches)."""
+import compress  # noqa: F401  (torchvision guard before timm)
+
+import timm
+import torch
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
+
+VIT = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10))  # 64 patches + CLS
+LS = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10, init_values=1e-5))
+DIST = ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8, depth=3, num_classes=10))  # 64 + 2
+
+
+def make(cfg, seed=0):
+    name, kw = cfg
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    if kw.get("init_values"):
+        for blk in model.blocks:  # LayerScale far from identity, so ignoring it would show
+            blk.ls1.gamma.data.uniform_(0.5, 1.5)
+            blk.ls2.gamma.data.uniform_(0.5, 1.5)
+    return model
+
+
+def images(n=2, seed=1):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_unpatched(model):
+    """No trace of the token-pruning patch is left on ``model``."""
+    assert all(type(b) is Block and type(b.attn) is Attention for b in model.blocks)
+    assert not hasattr(model, "_compress_tokens")
+    assert not any(k.startswith("_compress") for b in model.blocks for k in list(vars(b)) + list(vars(b.attn)))
