@@ -1,0 +1,1 @@
+"""Structured pruners: remove whole heads, MLP hidden units or channels, so the model gets physically smaller."""

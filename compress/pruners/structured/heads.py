@@ -1,0 +1,373 @@
+"""Attention-head and MLP-width pruning of timm ViTs, iterative during training.
+
+Every ``prune_every`` optimizer steps of the first training stage after ``attach`` (``steps`` times),
+each block keeps its most important heads and MLP hidden units, moving linearly from dense to the
+final widths. The final widths come from ``target_gmacs_ratio`` (whole-model GMACs relative to
+dense, solved to one keep fraction for heads and MLP width of every block) or from
+``head_pruning_ratio`` / ``mlp_pruning_ratio``. Importance: ``magnitude`` = sum of squared weights
+of a head (its q, k, v rows and proj columns) or hidden unit (fc1 row, fc2 column); ``taylor`` =
+sum of |w * dL/dw| over the same weights, accumulated over the optimizer steps since the last prune.
+
+Physically smaller at once: removed rows/columns leave the ``nn.Linear`` layers through
+torch-pruning's pruning functions, and ``num_heads``/``attn_dim`` of timm's ``Attention`` follow, so
+fused SDPA keeps working. Rank 0 decides and broadcasts the kept indices (``sync.decide_on_rank0``).
+
+Optimizer and DDP: in a single process the model shrinks in ``on_train_batch_start`` and the
+optimizer's param groups are pointed at the new tensors (their Adam/momentum state is dropped). Under
+a multi-process strategy (DDP, DeepSpeed) the DDP wrapper and sharded optimizers hold the old tensors,
+so removed heads/units are masked (their weights zeroed after every step, which also zeroes their
+gradients) and the model shrinks physically at the end of that stage (``on_fit_end``), before the
+next stage builds its own optimizer and wrapper. If a prune stage does not train, the remaining
+prunes happen at the start of the next training stage's schedule or, at the latest, in ``finalize``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from pydantic import Field, model_validator
+
+from compress.errors import CompressError
+from compress.pruners.base import Pruner, PrunerConfig
+from compress.pruners.structured import sync
+from compress.pruners.structured.widths import (
+    apply_widths, changed_widths, keep_heads, keep_hidden, param_names, read_widths, swap_optimizer_params,
+    vit_blocks,
+)
+from compress.registry import register_pruner
+
+DEFAULT_GMACS_RATIO = 0.6
+
+
+class HeadsConfig(PrunerConfig):
+    target_gmacs_ratio: Optional[float] = Field(
+        None, gt=0, le=1, description=f"whole-model GMACs relative to dense (default {DEFAULT_GMACS_RATIO} without ratios)")
+    head_pruning_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads removed per block")
+    mlp_pruning_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of MLP hidden units removed per block")
+    importance: Literal["magnitude", "taylor"] = "magnitude"
+    steps: int = Field(5, ge=1, description="number of prune events (iterative pruning)")
+    prune_every: int = Field(100, ge=1, description="optimizer steps between prune events")
+    round_to: int = Field(8, ge=1, description="MLP hidden widths are multiples of this (or the full width)")
+    min_heads: int = Field(1, ge=1, description="heads every block keeps at least")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.target_gmacs_ratio is not None and (self.head_pruning_ratio is not None or self.mlp_pruning_ratio is not None):
+            raise ValueError("give either target_gmacs_ratio or head_pruning_ratio/mlp_pruning_ratio, not both")
+        return self
+
+
+# ---- planning: final and per-event widths ----------------------------------------------------------
+
+
+def round_width(x: float, full: int, multiple: int, least: int = 1) -> int:
+    """``x`` rounded to a multiple of ``multiple`` within [least, full] (``full`` itself is always allowed)."""
+    if full <= multiple:
+        return int(min(full, max(least, round(x))))
+    return int(min(full, max(multiple, least, round(x / multiple) * multiple)))
+
+
+def _tokens(model: nn.Module) -> int:
+    n = getattr(model.patch_embed, "num_patches", None)
+    if n is None:
+        raise CompressError("model: cannot read patch_embed.num_patches (needed for target_gmacs_ratio)")
+    return int(n) + int(getattr(model, "num_prefix_tokens", 1))
+
+
+def block_macs(n: int, dim: int, head_dim: int, heads: int, hidden: int, gated: bool = False) -> int:
+    """MACs per image of one block: qkv, q@k, attn@v, proj (and gate), fc1, fc2."""
+    width = heads * head_dim
+    return n * dim * width * (4 + int(gated)) + 2 * n * n * width + 2 * n * dim * hidden
+
+
+class Plan:
+    """Base widths of every block and the widths a budget asks for."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = [(attn.num_heads, mlp.fc1.out_features) for _, attn, mlp in vit_blocks(model)]
+        self._dims = [(attn.qkv.in_features, attn.head_dim, attn.gate is not None) for _, attn, _ in vit_blocks(model)]
+        self._model = model
+
+    def macs(self, widths: List[Tuple[int, int]]) -> float:
+        n = _tokens(self._model)
+        total = sum(block_macs(n, d, hd, h, m, g) for (h, m), (d, hd, g) in zip(widths, self._dims))
+        pe = self._model.patch_embed.proj
+        rest = pe.weight.numel() * int(self._model.patch_embed.num_patches)
+        head = getattr(self._model, "head", None)
+        if isinstance(head, nn.Linear):
+            rest += head.weight.numel()
+        return float(total + rest)
+
+    def at_fraction(self, k: float, cfg: HeadsConfig) -> List[Tuple[int, int]]:
+        return [(int(min(h, max(cfg.min_heads, round(k * h)))), round_width(k * m, m, cfg.round_to))
+                for h, m in self.blocks]
+
+    def final(self, cfg: HeadsConfig) -> List[Tuple[int, int]]:
+        if cfg.head_pruning_ratio is not None or cfg.mlp_pruning_ratio is not None:
+            hr, mr = cfg.head_pruning_ratio or 0.0, cfg.mlp_pruning_ratio or 0.0
+            return [(int(min(h, max(cfg.min_heads, h - round(hr * h)))), round_width(m - mr * m, m, cfg.round_to))
+                    for h, m in self.blocks]
+        target = cfg.target_gmacs_ratio if cfg.target_gmacs_ratio is not None else DEFAULT_GMACS_RATIO
+        dense = self.macs(self.blocks)
+        if self.macs(self.at_fraction(0.0, cfg)) / dense > target + 1e-9:
+            raise CompressError(f"target_gmacs_ratio: {target} is below what min_heads/round_to allow "
+                                f"({self.macs(self.at_fraction(0.0, cfg)) / dense:.3f})")
+        lo, hi = 0.0, 1.0  # largest keep fraction whose GMACs ratio stays within the target
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.macs(self.at_fraction(mid, cfg)) / dense <= target + 1e-9 else (lo, mid)
+        return self.at_fraction(lo, cfg)
+
+    def at_event(self, final: List[Tuple[int, int]], event: int, events: int, cfg: HeadsConfig) -> List[Tuple[int, int]]:
+        """Widths after prune event ``event`` of ``events`` (linear from dense to ``final``)."""
+        t = event / events
+        out = []
+        for (h, m), (hf, mf) in zip(self.blocks, final):
+            heads = h - round((h - hf) * t)
+            hidden = max(mf, round_width(m - (m - mf) * t, m, cfg.round_to)) if event < events else mf
+            out.append((heads, hidden))
+        return out
+
+
+# ---- importance ---------------------------------------------------------------------------------------
+
+
+def head_scores(attn: nn.Module, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-head sum of ``tensors`` (same shapes as qkv.weight, qkv.bias, proj.weight; squared or |w*g|)."""
+    h, hd = attn.num_heads, attn.head_dim
+    s = tensors["qkv.weight"].reshape(3, h, hd, -1).sum(dim=(0, 2, 3))
+    if "qkv.bias" in tensors:
+        s = s + tensors["qkv.bias"].reshape(3, h, hd).sum(dim=(0, 2))
+    return s + tensors["proj.weight"].reshape(-1, h, hd).sum(dim=(0, 2))
+
+
+def hidden_scores(mlp: nn.Module, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+    s = tensors["fc1.weight"].sum(dim=1) + tensors["fc2.weight"].sum(dim=0)
+    return s + tensors["fc1.bias"] if "fc1.bias" in tensors else s
+
+
+def _group_tensors(module: nn.Module, names: Tuple[str, ...]) -> Dict[str, nn.Parameter]:
+    params = dict(module.named_parameters())
+    return {n: params[n] for n in names if n in params}
+
+
+ATTN_PARAMS = ("qkv.weight", "qkv.bias", "proj.weight")
+MLP_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight")
+
+
+def magnitude(module: nn.Module, names: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
+    return {n: p.detach().float() ** 2 for n, p in _group_tensors(module, names).items()}
+
+
+def taylor_terms(module: nn.Module, names: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
+    return {n: (p.detach() * p.grad.detach()).abs().float() for n, p in _group_tensors(module, names).items()
+            if p.grad is not None}
+
+
+def top_k(scores: torch.Tensor, alive: List[int], k: int) -> List[int]:
+    """The ``k`` highest-scoring of the ``alive`` indices, in ascending index order (ties: lower index)."""
+    alive_t = torch.tensor(alive, dtype=torch.long)
+    order = torch.argsort(-scores[alive_t].double(), stable=True)[:k]
+    return sorted(int(i) for i in alive_t[order])
+
+
+# ---- the pruner ---------------------------------------------------------------------------------------
+
+
+@register_pruner("heads")
+class HeadsPruner(Pruner):
+    """Structured pruning of ViT attention heads and MLP hidden units during training (magnitude or Taylor)."""
+
+    name = "heads"
+    kind = "structured"
+    Config = HeadsConfig
+
+    def __init__(self, config=None, **params):
+        super().__init__(config, **params)
+        self._model: Optional[nn.Module] = None
+        self._base: Optional[Dict[str, Any]] = None
+        self._plan: Optional[Plan] = None
+        self._final: Optional[List[Tuple[int, int]]] = None
+        self.events_done = 0
+        self._alive: List[Tuple[List[int], List[int]]] = []  # per block: live heads, live hidden units
+        self._taylor: List[Dict[str, torch.Tensor]] = []
+        self._callback: Optional[Callback] = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Read the widths and the plan; nothing changes until the first prune event."""
+        self._plan = Plan(model)
+        self._final = self._plan.final(self.config)
+        self._model = model
+        self._base = read_widths(model)
+        self._reset_alive()
+        self._callback = _HeadsCallback(self)
+
+    def detach(self, model: nn.Module) -> None:
+        """Stop pruning; heads removed so far stay removed (the change is physical)."""
+        self._callback = None
+
+    def callbacks(self) -> List[Callback]:
+        return [self._callback] if self._callback is not None else []
+
+    @property
+    def final_widths(self) -> List[Tuple[int, int]]:
+        return list(self._final or [])
+
+    @property
+    def done(self) -> bool:
+        return self.events_done >= self.config.steps
+
+    def _reset_alive(self) -> None:
+        self._alive = [(list(range(a.num_heads)), list(range(m.fc1.out_features))) for _, a, m in vit_blocks(self._model)]
+        self._taylor = [{} for _ in self._alive]
+
+    # -- decisions ----------------------------------------------------------------------------------
+    def scores(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per block (head scores, hidden-unit scores) under the configured importance."""
+        out = []
+        for (_, attn, mlp), acc in zip(vit_blocks(self._model), self._taylor):
+            if self.config.importance == "taylor" and acc:
+                out.append((head_scores(attn, {k[5:]: v for k, v in acc.items() if k.startswith("attn.")}),
+                            hidden_scores(mlp, {k[4:]: v for k, v in acc.items() if k.startswith("mlp.")})))
+            else:  # magnitude, or Taylor before any gradient was seen
+                out.append((head_scores(attn, magnitude(attn, ATTN_PARAMS)), hidden_scores(mlp, magnitude(mlp, MLP_PARAMS))))
+        return out
+
+    def decide(self, event: int) -> List[Dict[str, List[int]]]:
+        """Kept head / hidden indices (of the current layers) per block after ``event``; rank 0's choice."""
+        widths = self._plan.at_event(self._final, event, self.config.steps, self.config)
+
+        def choose():
+            kept = []
+            for (hs, ms), (alive_h, alive_m), (h, m) in zip(self.scores(), self._alive, widths):
+                kept.append({"heads": top_k(hs, alive_h, min(h, len(alive_h))),
+                             "hidden": top_k(ms, alive_m, min(m, len(alive_m)))})
+            return kept
+
+        return sync.decide_on_rank0(choose)
+
+    def prune_event(self, physical: bool = True, optimizers=()) -> None:
+        """One step of the schedule: decide, then shrink (or mask, under a multi-process strategy)."""
+        kept = self.decide(self.events_done + 1)
+        self.events_done += 1
+        self._alive = [(k["heads"], k["hidden"]) for k in kept]
+        if physical:
+            self.shrink(optimizers)
+        else:
+            self.apply_masks()
+        self._taylor = [{} for _ in self._alive]
+
+    def shrink(self, optimizers=()) -> None:
+        """Remove every head / hidden unit that is not alive; re-point ``optimizers`` at the new tensors."""
+        before = param_names(self._model)
+        for (_, attn, mlp), (heads, hidden) in zip(vit_blocks(self._model), self._alive):
+            keep_heads(attn, heads)
+            keep_hidden(mlp, hidden)
+        swap_optimizer_params(list(optimizers), before, self._model)
+        self._reset_alive()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the weights of removed heads / units (multi-process training; shrunk at the stage end)."""
+        for (_, attn, mlp), (heads, hidden) in zip(vit_blocks(self._model), self._alive):
+            hmask = torch.zeros(attn.num_heads, dtype=torch.bool, device=attn.qkv.weight.device)
+            hmask[heads] = True
+            cmask = hmask.repeat_interleave(attn.head_dim)
+            attn.qkv.weight.mul_(cmask.repeat(3)[:, None])
+            if attn.qkv.bias is not None:
+                attn.qkv.bias.mul_(cmask.repeat(3))
+            attn.proj.weight.mul_(cmask[None, :])
+            umask = torch.zeros(mlp.fc1.out_features, dtype=torch.bool, device=mlp.fc1.weight.device)
+            umask[hidden] = True
+            mlp.fc1.weight.mul_(umask[:, None])
+            if mlp.fc1.bias is not None:
+                mlp.fc1.bias.mul_(umask)
+            mlp.fc2.weight.mul_(umask[None, :])
+
+    @property
+    def masked(self) -> bool:
+        return any(len(h) < a.num_heads or len(m) < p.fc1.out_features
+                   for (h, m), (_, a, p) in zip(self._alive, vit_blocks(self._model)))
+
+    def accumulate_taylor(self) -> None:
+        for acc, (_, attn, mlp) in zip(self._taylor, vit_blocks(self._model)):
+            terms = {f"attn.{k}": v for k, v in taylor_terms(attn, ATTN_PARAMS).items()}
+            terms.update({f"mlp.{k}": v for k, v in taylor_terms(mlp, MLP_PARAMS).items()})
+            for k, v in terms.items():
+                acc[k] = acc[k] + v if k in acc else v
+
+    def complete(self, optimizers=()) -> None:
+        """Run the remaining prune events now and make everything physical."""
+        while not self.done:
+            self.prune_event(physical=False)
+        if self.masked:
+            self.shrink(optimizers)
+
+    # -- export -------------------------------------------------------------------------------------
+    def finalize(self, model: nn.Module) -> Dict[str, Any]:
+        if self._model is not model:
+            raise CompressError("heads: finalize got a different model than the one attached")
+        self.complete()
+        return changed_widths(self._base, model)
+
+    @classmethod
+    def apply_edits(cls, model: nn.Module, edits: Dict[str, Any]) -> None:
+        apply_widths(model, edits)
+
+    def state_dict(self) -> Dict[str, Any]:
+        edits = changed_widths(self._base, self._model) if self._model is not None else {}
+        return {"events_done": self.events_done, "edits": edits}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume after a completed stage: the model (still dense) takes the recorded widths again."""
+        self.events_done = int(state.get("events_done", 0))
+        if state.get("edits") and self._model is not None and not changed_widths(self._base, self._model):
+            apply_widths(self._model, state["edits"])
+            self._reset_alive()
+
+
+class _HeadsCallback(Callback):
+    """Runs the schedule in the first training stage after ``attach``."""
+
+    def __init__(self, pruner: HeadsPruner):
+        self.pruner = pruner
+        self.active = False
+        self.fits = 0
+        self.start_step = 0
+        self.physical = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.fits += 1
+        self.active = self.fits == 1 and not self.pruner.done
+        self.start_step = trainer.global_step
+        self.physical = trainer.world_size == 1
+        if self.active and not self.physical and "deepspeed" in type(trainer.strategy).__name__.lower():
+            stage3 = getattr(trainer.strategy, "zero_stage_3", False)
+            if stage3:
+                raise CompressError("heads: pruning under DeepSpeed ZeRO-3 is not supported (use ddp or ZeRO-1/2)")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        p = self.pruner
+        if not self.active or p.done:
+            return
+        if trainer.global_step - self.start_step >= (p.events_done + 1) * p.config.prune_every:
+            p.prune_event(physical=self.physical, optimizers=trainer.optimizers)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.active and self.pruner.config.importance == "taylor" and not self.pruner.done:
+            self.pruner.accumulate_taylor()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.active and not self.physical and self.pruner.masked:
+            self.pruner.apply_masks()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.active:
+            self.pruner.complete(optimizers=trainer.optimizers if self.physical else ())
+            self.active = False
