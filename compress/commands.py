@@ -83,6 +83,18 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         source = str(recipe)
     results = compare(dense, pruned, size, batch_sizes, device, repeats)
     results["source"] = source
+    from compress.pruners.weight import has_weight_pruner, storage_report
+
+    if checkpoint is not None:
+        weight = has_weight_pruner(pruned._compress_manifest["pruners"])
+    else:
+        from compress.recipe import load_recipe
+        from compress.registry import PRUNERS
+
+        weight = any(s.pruner is not None and PRUNERS.get(s.pruner.name).kind == "weight"
+                     for s in load_recipe(recipe, overrides).stages)
+    if weight:  # unstructured zeros: nonzero params and the real file size
+        results["storage"] = storage_report(dense, pruned, checkpoint)
     results["input_size"] = list(size)
     return results
 
@@ -107,8 +119,13 @@ def bench_table(r: Dict[str, Any]) -> str:
         cols += [(f"ips{bs}", f"images/s @{bs}", ".2f"), (f"lat{bs}", f"latency ms @{bs}", ".2f")]
         if r["dense"]["speed"][bs]["peak_memory_mb"] is not None:
             cols.append((f"mem{bs}", f"peak MiB @{bs}", ".1f"))
-    return (f"{r['source']} on {r['device']} ({r['threads']} threads), input {tuple(r['input_size'])}\n"
-            + table(rows, cols))
+    out = (f"{r['source']} on {r['device']} ({r['threads']} threads), input {tuple(r['input_size'])}\n"
+           + table(rows, cols))
+    if "storage" in r:
+        from compress.pruners.weight import storage_lines
+
+        out += "\n" + storage_lines(r["storage"])
+    return out
 
 
 def export_run(run_dir: Path, out: Path) -> Path:

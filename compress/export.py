@@ -54,6 +54,8 @@ def save(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         state = _plain_state_dict(model)
+        for p, e in zip(pruners, edits):
+            state = type(p).pack_state(state, e)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "compress.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if recipe_yaml is not None:
@@ -113,7 +115,10 @@ def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
             pruner = build_pruner(spec, where=f"pruners[{i}]")
             pruner.attach(model)
             attached.append(pruner)
-    load_weights(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"), what="checkpoint")
+    state = load_file(str(path / "model.safetensors"))
+    for entry in reversed(manifest["pruners"]):  # undo pack_state in reverse order
+        state = PRUNERS.get(entry["spec"]["name"]).unpack_state(state, entry.get("edits") or {})
+    load_weights(model, state, str(path / "model.safetensors"), what="checkpoint")
     model.eval()
     model._compress_pruners = attached
     model._compress_manifest = manifest

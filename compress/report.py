@@ -88,10 +88,16 @@ def finish(ctx) -> Dict[str, Any]:
         export_context(ctx, out, metrics)
         metrics["export"] = str(out)
         _log(f"exported to {out}")
+    from compress.pruners.weight import has_weight_pruner, storage_lines, storage_report
+
+    if has_weight_pruner(ctx.pruners):  # unstructured zeros: report nonzero params and the real file size
+        metrics["storage"] = storage_report(ctx.dense if ctx.dense is not None else model, model, metrics.get("export"))
     (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     print()
     print(f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}")
     print(summary_table(metrics))
+    if "storage" in metrics:
+        print(storage_lines(metrics["storage"]))
     return metrics
 
 

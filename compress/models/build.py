@@ -70,6 +70,33 @@ def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: str, 
     model.load_state_dict(state, strict=True)
 
 
+def adapt_timm_checkpoint(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
+                          new_classes: bool) -> Dict[str, torch.Tensor]:
+    """Fit a checkpoint to a timm model built with other kwargs (e.g. ``img_size: 96, num_classes: 10``): the model
+    family's ``checkpoint_filter_fn`` resamples position embeddings; if the user changed ``num_classes``, a classifier
+    whose shape differs is dropped and keeps the model's fresh initialisation. Anything else still fails strictly."""
+    import importlib
+
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    if new_classes:
+        own = model.state_dict()
+        heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        dropped = [k for h in heads for k in (f"{h}.weight", f"{h}.bias")
+                   if k in state and k in own and state[k].shape != own[k].shape]
+        if dropped:
+            import logging
+
+            for k in dropped:
+                state[k] = own[k]
+            logging.getLogger("compress").warning(
+                "model.checkpoint: %s: classifier %s has another number of classes; reinitialised",
+                source, ", ".join(sorted({k.rsplit(".", 1)[0] for k in dropped})))
+    return state
+
+
 def build_model(cfg) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``."""
     if cfg.checkpoint is not None:
@@ -77,6 +104,9 @@ def build_model(cfg) -> nn.Module:
         if not path.is_file():
             raise CompressError(f"model.checkpoint: file not found: {path}")
         model = build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=False)
-        load_weights(model, _read_state_dict(path), str(path))
+        state = _read_state_dict(path)
+        if cfg.kwargs and cfg.name not in MODELS:
+            state = adapt_timm_checkpoint(model, state, str(path), new_classes="num_classes" in cfg.kwargs)
+        load_weights(model, state, str(path))
         return model
     return build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=cfg.pretrained)

@@ -49,6 +49,16 @@ class Pruner:
         if edits:
             raise CompressError(f"pruner {cls.name!r} cannot replay structural edits")
 
+    @classmethod
+    def pack_state(cls, state: Dict[str, Any], edits: Dict[str, Any]) -> Dict[str, Any]:
+        """Export hook: rewrite the state dict into a compact on-disk form (default: unchanged)."""
+        return state
+
+    @classmethod
+    def unpack_state(cls, state: Dict[str, Any], edits: Dict[str, Any]) -> Dict[str, Any]:
+        """Load hook, inverse of ``pack_state``: run before the strict load (default: unchanged)."""
+        return state
+
     def state_dict(self) -> Dict[str, Any]:
         """JSON-able state outside the model (e.g. a schedule's progress), for --resume."""
         return {}
