@@ -10,5 +10,6 @@ class EpochLog(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         text = ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(m.items()))
-        print(f"[compress]   epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {text}",
-              flush=True)
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        print(f"[compress]   epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step}{steps}: {text}", flush=True)

@@ -222,7 +222,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         kwargs["callbacks"] = kwargs["callbacks"] + callbacks
         trainer = pl.Trainer(**kwargs)
         train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
-        _log(f"stage {i} ({stage.kind}): training {stage.epochs} epoch(s)" + (f", max {stage.max_steps} steps" if stage.max_steps else ""))
+        _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
         ctx.model.train()
         trainer.fit(task, train_dataloaders=train, ckpt_path=ckpt_path)
     ctx.model.eval()
