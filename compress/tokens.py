@@ -27,7 +27,7 @@ class TokenState:
     """What the policy knows about the current token set (reset at every forward)."""
 
     num_prefix: int
-    index: torch.Tensor  # B x N long: original position of every current token
+    index: torch.Tensor  # B x N long: original position of every current token (-1: none, e.g. a semantic token)
     size: Optional[torch.Tensor] = None  # B x N float: how many original tokens each one stands for
     extras: Dict[str, Any] = field(default_factory=dict)  # per-forward scratch space for policies
     counts: list = field(default_factory=list)  # tokens entering each block, for tests and reports
@@ -66,6 +66,15 @@ class TokenPolicy:
 
     def begin(self, x: torch.Tensor, state: TokenState) -> None:
         """Called once per forward, before the first block."""
+
+    def enter_block(self, layer: int, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """Replace the tokens entering block ``layer`` (e.g. STViT-R restores the full map). Default: unchanged."""
+        return x
+
+    def run_block(self, layer: int, block: nn.Module, x: torch.Tensor, state: TokenState) -> Optional[torch.Tensor]:
+        """Compute block ``layer`` the policy's own way from the block's submodules (e.g. STViT's
+        semantic token generation); None runs the standard block with the hooks above."""
+        return None
 
 
 class TokenRuntime:
@@ -139,7 +148,13 @@ class PrunableBlock(Block):
         if layer == 0:
             rt.reset(x)
         policy, state = rt.policy, rt.state
+        x = policy.enter_block(layer, x, state)
         state.counts.append(x.shape[1])
+        replaced = policy.run_block(layer, self, x, state)
+        if replaced is not None:
+            if attn_mask is not None:
+                raise CompressError("attention masks are not supported in blocks a token policy computes itself")
+            return replaced
         info = AttnInfo()
         self.attn._compress_request = policy.needs(layer)
         self.attn._compress_info = info
