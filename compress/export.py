@@ -94,7 +94,8 @@ def build_base(manifest: Dict[str, Any]) -> nn.Module:
 def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
     """Rebuild an exported (pruned) model as a plain ``nn.Module`` in eval mode.
 
-    With ``with_pruners=False`` token pruners are not re-attached (the same weights, dense tokens).
+    With ``with_pruners=False`` token pruners are detached after the weights are loaded (the same
+    weights, dense tokens; parameters a token pruner added, e.g. STViT's, go with it).
     """
     from safetensors.torch import load_file
 
@@ -111,7 +112,7 @@ def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
         cls = PRUNERS.get(spec["name"])
         if entry.get("edits"):
             cls.apply_edits(model, entry["edits"])
-        if with_pruners and getattr(cls, "replay_on_load", False):
+        if getattr(cls, "replay_on_load", False):
             pruner = build_pruner(spec, where=f"pruners[{i}]")
             pruner.attach(model)
             attached.append(pruner)
@@ -119,6 +120,10 @@ def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
     for entry in reversed(manifest["pruners"]):  # undo pack_state in reverse order
         state = PRUNERS.get(entry["spec"]["name"]).unpack_state(state, entry.get("edits") or {})
     load_weights(model, state, str(path / "model.safetensors"), what="checkpoint")
+    if not with_pruners:
+        for pruner in reversed(attached):
+            pruner.detach(model)
+        attached = []
     model.eval()
     model._compress_pruners = attached
     model._compress_manifest = manifest

@@ -226,6 +226,12 @@ def test_export_round_trip(tmp_path, params):
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
     assert loaded._compress_tokens.state.counts == pruner.expected_tokens()
+    # without the pruner: the same backbone weights, all tokens, none of STViT's parameters
+    plain = export.load(tmp_path / "exp", with_pruners=False)
+    assert not any(k.startswith("stvit.") for k in plain.state_dict())
+    assert torch.equal(plain.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    with torch.no_grad():
+        assert plain(x).shape == out.shape
 
 
 def test_detach_restores_the_unpatched_model():
