@@ -5,11 +5,16 @@ import compress  # noqa: F401  (first, on purpose)
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tiny models gain nothing from intra-op threads, and on a shared or loaded CPU OpenMP's spinning
+# threads make them tens of times slower: one thread here and in every child process (DDP tests).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"

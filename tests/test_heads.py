@@ -20,15 +20,6 @@ BASE = dict(img_size=32, patch_size=8, depth=3, num_classes=10)
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine are much faster single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def vit():
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **BASE).eval()

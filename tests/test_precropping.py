@@ -21,14 +21,6 @@ RESNET = ("resnet26", dict(num_classes=10, channels=(16, 32, 64, 128), stem_widt
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3, num_classes=10))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(name, kwargs):
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, **kwargs).eval()
