@@ -82,9 +82,16 @@ def prune_count(n: int, sparsity: float, cap: float = 0.995) -> int:
 def smallest_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """True at the ``k`` smallest entries of ``score`` (ties: lower flat index first)."""
     flat = score.reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        mask[torch.argsort(flat, stable=True)[:k]] = True
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    # kthvalue is linear time (ISS-P re-selects every step; a full sort per layer was the bottleneck);
+    # entries equal to the threshold are taken in index order, as a stable sort would.
+    threshold = flat.kthvalue(k).values
+    mask = flat < threshold
+    ties = (flat == threshold).nonzero().squeeze(1)[: k - int(mask.sum())]
+    mask[ties] = True
     return mask.view_as(score)
 
 
