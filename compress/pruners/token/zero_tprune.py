@@ -47,10 +47,13 @@ def weighted_pagerank(attn: torch.Tensor, iters: int, init: torch.Tensor, alive:
         if alive is None:
             for _ in range(iters):
                 v = torch.bmm(v, a)
-        else:
+        elif iters > 0:
+            # s <- ((s * w) @ A) * live, iterated on u = s * w: u <- (u @ A) * (live * w), two ops a step
             w, live = inv_mass[i:i + chunk], alive[i:i + chunk]
-            for _ in range(iters):
-                v = torch.bmm(v * w, a) * live
+            u, step = v * w, live * w
+            for _ in range(iters - 1):
+                u = torch.bmm(u, a) * step
+            v = torch.bmm(u, a) * live
         out[i:i + chunk] = v
     return out.reshape(*lead, n)
 
