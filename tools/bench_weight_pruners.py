@@ -147,7 +147,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, argv) -> str:
+def markdown(result: dict, argv, png: str) -> str:
     rows, dense = result["rows"], result["rows"]["dense"]
     bs = [str(b) for b in result["batch_sizes"]]
     trows = {}
@@ -168,7 +168,7 @@ def markdown(result: dict, argv) -> str:
              "Unstructured sparsity (ISS-P, magnitude) shrinks the export (values + bit mask) and the nonzero count, "
              "not the dense-kernel time: their speed-up stays ~1.0x. Heads/MLP pruning removes whole heads and hidden "
              "units, so params, GMACs and time drop together.", "",
-             "![accuracy vs sparsity and speed](weight_pruners_cifar10.png)", "",
+             f"![accuracy vs sparsity and speed]({png})", "",
              f"Regenerate: `python tools/bench_weight_pruners.py {' '.join(argv)}` ({result['seconds'] / 60:.0f} min)"]
     return "\n".join(lines) + "\n"
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     if "dense" in rows:
         plot(result, args.out.with_suffix(".png"))
-        md = markdown(result, argv)
+        md = markdown(result, argv, args.out.with_suffix(".png").name)
         args.out.with_suffix(".md").write_text(md)
         print(md)
     return 0
