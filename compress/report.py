@@ -71,8 +71,10 @@ def export_context(ctx, out, metrics: Dict[str, Any]):
 
 
 def finish(ctx) -> Dict[str, Any]:
-    from compress.run import _device, _log, evaluate_model
+    from compress.run import _device, _log, evaluate_model, is_global_zero
 
+    if not is_global_zero():  # other DDP ranks: rank 0 evaluates, measures and exports
+        return ctx.metrics
     recipe = ctx.recipe
     metrics = ctx.metrics
     model = ctx.model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,6 +24,14 @@ from compress.errors import CompressError
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
 
 DONE = "done.json"
+# Lightning's DDP launcher starts ranks > 0 by re-running the same command; they find the run directory
+# rank 0 chose here instead of making their own, and leave every file to rank 0.
+RUN_DIR_ENV = "COMPRESS_RUN_DIR"
+
+
+def is_global_zero() -> bool:
+    """True in the process that writes files: rank 0, or a process Lightning has not launched as another rank."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 @dataclass
@@ -168,6 +177,8 @@ def _stage_dir(run_dir: Path, i: int, kind: str) -> Path:
 def _save_stage(ctx: RunContext, i: int, stage_dir: Path) -> None:
     from safetensors.torch import save_file
 
+    if not is_global_zero():
+        return
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in ctx.model.state_dict().items()}
     save_file(state, str(stage_dir / "model.safetensors"))
@@ -300,13 +311,16 @@ def fit(recipe_path=None, overrides=None, out=None, resume=None) -> Dict[str, An
         recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
     else:
         recipe = load_recipe(recipe_path, overrides)
-        run_dir = new_run_dir(recipe, out)
+        joined = os.environ.get(RUN_DIR_ENV) if not is_global_zero() else None
+        run_dir = Path(joined) if joined else new_run_dir(recipe, out)
     ctx = prepare(recipe, run_dir)
     created = not run_dir.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-        _log(f"run directory: {run_dir}")
+        if is_global_zero():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning launches
+            _log(f"run directory: {run_dir}")
         first = _restore(ctx) if resume is not None else 0
         for i in range(first, len(recipe.stages)):
             stage = recipe.stages[i]

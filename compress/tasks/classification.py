@@ -17,11 +17,13 @@ import torch.nn.functional as F
 import torchmetrics
 
 
-def accuracy_metrics(num_classes: int) -> torchmetrics.MetricCollection:
+def accuracy_metrics(num_classes: int, sync: bool = True) -> torchmetrics.MetricCollection:
+    """Top-1/top-5; ``sync=False`` for a process that evaluates the whole set alone (no DDP all-gather)."""
     return torchmetrics.MetricCollection(
         {
-            "top1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
-            "top5": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=min(5, num_classes)),
+            "top1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1, sync_on_compute=sync),
+            "top5": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=min(5, num_classes),
+                                          sync_on_compute=sync),
         }
     )
 
@@ -112,7 +114,7 @@ class ClassificationTask(pl.LightningModule):
 def evaluate(model: nn.Module, loader, num_classes: int, device: str = "cpu") -> dict:
     """Top-1/top-5 (percent) of ``model`` over ``loader`` without a Trainer."""
     dev = torch.device(device)
-    metrics = accuracy_metrics(num_classes).to(dev)
+    metrics = accuracy_metrics(num_classes, sync=False).to(dev)
     model.eval().to(dev)
     n = 0
     for x, y in loader:
