@@ -52,7 +52,9 @@ def eval_table(r: Dict[str, Any]) -> str:
 
 
 def _recipe_models(recipe_path: Path, overrides: List[str]):
-    """Dense and zero-shot-pruned models from a recipe's model and prune stages (no training)."""
+    """Dense and zero-shot-pruned models from a recipe's model and prune stages (no training): every pruner is
+    attached and finalized, so structured and weight pruners apply their decision at once (from the weights as
+    they are) and the benchmark sees the final structure."""
     import copy
 
     from compress.models import build_model
@@ -65,7 +67,9 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     pruned = copy.deepcopy(dense)
     for i, stage in enumerate(recipe.stages):
         if stage.pruner is not None:
-            build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner").attach(pruned)
+            pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
+            pruner.attach(pruned)
+            pruner.finalize(pruned)
     return dense, pruned, tuple(build_source(recipe).input_size(dense))
 
 

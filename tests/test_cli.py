@@ -134,3 +134,18 @@ def test_recipes_lists_quickstart(capsys):
     assert str(REPO / "recipes") in out
     line = next(l for l in out.splitlines() if l.startswith("quickstart.yaml"))
     assert "Quick start" in line  # the recipe's first comment line
+
+
+@pytest.mark.parametrize("pruner, params_shrink", [("{name: heads, target_gmacs_ratio: 0.6}", True),
+                                                   ("{name: zero_tprune}", False)])
+def test_bench_on_a_recipe_applies_every_pruner_decision(tmp_path, pruner, params_shrink):
+    """``compress bench --recipe``: pruners are attached and finalized, so a structured pruner whose decision
+    normally comes during training shows its final structure here too."""
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--recipe", str(QUICKSTART), "--set", f"stages.1.pruner={pruner}", "--batch-sizes", "4",
+                 "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+    ratios = json.loads(out.read_text())["ratios"]
+    assert ratios["gmacs"] < 0.7
+    assert (ratios["params"] < 0.7) == params_shrink
