@@ -6,10 +6,8 @@ import compress  # noqa: F401  (first: torchvision guard before timm)
 import pytest
 import torch
 
-from compress import export
 from compress.errors import CompressError
 from compress.measure import count_gmacs
-from compress.models.build import model_spec
 from compress.pruners.base import build_pruner
 from compress.pruners.token.gtp import (
     GRAPH_KEY,
@@ -22,7 +20,7 @@ from compress.pruners.token.gtp import (
     spatial_graph,
 )
 from compress.registry import PRUNERS
-from vit_zoo import DIST, LS, VIT, assert_unpatched, images, make
+from vit_zoo import DIST, LS, VIT, assert_unpatched, export_round_trip, images, make
 
 
 
@@ -235,15 +233,9 @@ def test_detach_restores_the_original_classes():
 
 
 def test_export_round_trip(tmp_path):
-    name, kw = VIT
     model, x = make(VIT), images()
     pruner = attach(model, num_prop=[4, 4, 8, 8], graph="mixed", token_scale=True)
-    with torch.no_grad():
-        out = model(x)
-    export.save(model, tmp_path / "exp", base=model_spec(name, kw), pruners=[pruner])
-    loaded = export.load(tmp_path / "exp")
-    with torch.no_grad():
-        assert torch.equal(loaded(x), out)
+    loaded = export_round_trip(model, pruner, VIT, x, tmp_path / "exp")
     assert loaded._compress_tokens.state.counts == [65, 61, 57, 49]
 
 

@@ -6,14 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress import export
 from compress.errors import CompressError
 from compress.measure import count_gmacs
-from compress.models.build import model_spec
 from compress.pruners.base import build_pruner
 from compress.pruners.token.tome import bipartite_merge, merged_counts
 from compress.registry import PRUNERS
-from vit_zoo import DIST, LS, VIT, assert_unpatched, images, make
+from vit_zoo import DIST, LS, VIT, assert_unpatched, export_round_trip, images, make
 
 
 
@@ -162,15 +160,9 @@ def test_detach_restores_the_original_classes():
 
 
 def test_export_round_trip(tmp_path):
-    name, kw = VIT
     model, x = make(VIT), images()
     pruner = attach(model, r=6)
-    with torch.no_grad():
-        out = model(x)
-    export.save(model, tmp_path / "exp", base=model_spec(name, kw), pruners=[pruner])
-    loaded = export.load(tmp_path / "exp")
-    with torch.no_grad():
-        assert torch.equal(loaded(x), out)
+    loaded = export_round_trip(model, pruner, VIT, x, tmp_path / "exp")
     assert loaded._compress_tokens.state.counts == [65, 59, 53, 47]
 
 

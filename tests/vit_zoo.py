@@ -6,6 +6,9 @@ import torch
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 
+from compress import export
+from compress.models.build import model_spec
+
 VIT = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10))  # 64 patches + CLS
 LS = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10, init_values=1e-5))
 DIST = ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8, depth=3, num_classes=10))  # 64 + 2
@@ -31,3 +34,15 @@ def assert_unpatched(model):
     assert all(type(b) is Block and type(b.attn) is Attention for b in model.blocks)
     assert not hasattr(model, "_compress_tokens")
     assert not any(k.startswith("_compress") for b in model.blocks for k in list(vars(b)) + list(vars(b.attn)))
+
+
+def export_round_trip(model, pruner, cfg, x, folder):
+    """Export ``model`` (built from ``cfg``) with ``pruner``, reload it, check the reloaded logits are identical;
+    returns the reloaded model."""
+    with torch.no_grad():
+        out = model(x)
+    export.save(model, folder, base=model_spec(*cfg), pruners=[pruner])
+    loaded = export.load(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    return loaded
