@@ -28,5 +28,12 @@ class TokenPruner(Pruner, tokens.TokenPolicy):
         """Token counts entering each block under this plan (int or (n_attn, n_mlp))."""
         raise NotImplementedError
 
+    def constant_for_budget(self, geometry: Dict[str, Any], candidates, target: float) -> int:
+        """The amount (the same in every block) whose schedule's MACs ratio is nearest ``target``; needs
+        ``_counts(geometry, per_block_amounts)``. The ratio falls monotonically with the amount."""
+        depth = geometry["depth"]
+        return min(candidates, key=lambda k: abs(
+            tokens.schedule_macs_ratio(geometry, self._counts(geometry, [k] * depth)) - target))
+
     def expected_macs_ratio(self) -> float:
         return tokens.schedule_macs_ratio(self.geometry, self.expected_tokens())

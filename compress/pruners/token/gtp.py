@@ -169,11 +169,7 @@ class GTP(TokenPruner):
                 raise ValueError(f"num_prop has {len(cfg.num_prop)} entries for a {depth}-block model")
             props = list(cfg.num_prop)
         elif cfg.target_gmacs_ratio is not None:
-            # the ratio falls monotonically with P: take the constant P whose ratio is nearest
-            cands = range(geometry["num_patches"])
-            ratios = [tokens.schedule_macs_ratio(geometry, self._counts(geometry, [p] * depth)) for p in cands]
-            p = min(cands, key=lambda i: abs(ratios[i] - cfg.target_gmacs_ratio))
-            props = [p] * depth
+            props = [self.constant_for_budget(geometry, range(geometry["num_patches"]), cfg.target_gmacs_ratio)] * depth
         else:
             props = [cfg.num_prop if cfg.num_prop is not None else DEFAULT_NUM_PROP] * depth
         self.props = props

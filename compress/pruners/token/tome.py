@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from compress import tokens
 from compress.pruners.base import PrunerConfig
 from compress.pruners.token.base import TokenPruner
 from compress.registry import register_pruner
@@ -139,11 +138,8 @@ class ToMe(TokenPruner):
                 raise ValueError(f"r_schedule has {len(cfg.r_schedule)} entries for a {depth}-block model")
             rs = list(cfg.r_schedule)
         elif cfg.target_gmacs_ratio is not None:
-            # the ratio falls monotonically with r: take the constant r whose ratio is nearest
             n_max = (geometry["num_patches"] + 1) // 2
-            ratios = [tokens.schedule_macs_ratio(geometry, self._counts(geometry, [r] * depth)) for r in range(n_max + 1)]
-            r = min(range(n_max + 1), key=lambda i: abs(ratios[i] - cfg.target_gmacs_ratio))
-            rs = [r] * depth
+            rs = [self.constant_for_budget(geometry, range(n_max + 1), cfg.target_gmacs_ratio)] * depth
         else:
             rs = [cfg.r if cfg.r is not None else DEFAULT_R] * depth
         self.rs = rs
