@@ -23,8 +23,9 @@ from pathlib import Path
 import compress  # noqa: F401  (torchvision guard first)
 import torch
 
+import bench_assets
+
 from compress import measure
-from compress.data.imagenet import ImageNet
 from compress.models import build_model
 from compress.pruners.base import build_pruner
 from compress.recipe import ModelConfig
@@ -33,13 +34,6 @@ from compress.tasks.classification import evaluate
 
 HERE = Path(__file__).resolve().parent
 MODEL = "deit_tiny_patch16_224"
-
-
-def load_images(images: Path, model, limit):
-    """Decode and transform the evaluation images once; every configuration reuses the tensors."""
-    ds = ImageNet(images, limit=limit).dataset("val", model)
-    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=100, num_workers=2))
-    return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
 def speed(dense, pruned, input_size, batch_sizes, repeats):
@@ -117,7 +111,7 @@ def markdown(result, argv) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--assets", type=Path, default=Path(os.environ.get("COMPRESS_ASSETS", HERE.parent.parent / "shared" / "assets")))
+    bench_assets.add_argument(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate on this many images (default: all)")
     p.add_argument("--budgets", default="0.9,0.75,0.65,0.5")
     p.add_argument("--pruners", default="zero_tprune,gtp,tome")
@@ -126,16 +120,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
     args = p.parse_args(argv)
 
-    weights = args.assets / "deit_tiny" / "deit_tiny_patch16_224.pth"
-    images = args.assets / "imagenet-sample"
-    for path in (weights, images / "val"):
-        if not path.exists():
-            print(f"missing asset: {path} (set --assets or COMPRESS_ASSETS)", file=sys.stderr)
-            return 2
+    found = bench_assets.find(args.assets, bench_assets.DEIT_TINY, bench_assets.IMAGENET + "/val")
+    if found is None:
+        return 2
+    weights, images = found[0], args.assets / bench_assets.IMAGENET
     t0 = time.perf_counter()
     threads = measure.pin_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
     dense = build_model(ModelConfig(name=MODEL, checkpoint=weights)).eval()
-    data = load_images(images, dense, args.limit)
+    data = bench_assets.imagenet_val(images, dense, args.limit)
     loader = torch.utils.data.DataLoader(data, batch_size=100)
     input_size = tuple(data[0][0].shape)
     sizes = [int(s) for s in args.batch_sizes.split(",")]

@@ -1,6 +1,6 @@
 """Weight and structured pruning during training, on a real transfer task: DeiT-Tiny -> CIFAR-10.
 
-    python tools/bench_weight_pruners.py [--assets ../shared/assets] [--img-size 64] [--scale 1.0]
+    python tools/bench_weight_pruners.py [--assets ../shared/assets] [--img-size 64] [--prune-steps 150] [--tune-steps 150]
 
 Starts from the real ImageNet DeiT-Tiny weights, transfers them to CIFAR-10 (the 10,000 test images
 in ``cifar10-test``, split per class into 8,000 train / 2,000 val, disjoint) at a reduced
@@ -29,6 +29,8 @@ from pathlib import Path
 import compress  # noqa: F401  (torchvision guard first)
 import torch
 import yaml
+
+import bench_assets
 
 from compress import measure
 from compress.report import table
@@ -176,7 +178,7 @@ def markdown(result: dict, argv, png: str) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--assets", type=Path, default=Path(os.environ.get("COMPRESS_ASSETS", HERE.parent.parent / "shared" / "assets")))
+    bench_assets.add_argument(p)
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--transfer-steps", type=int, default=600)
@@ -190,12 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep the exports already in --work (e.g. to re-measure on a quiet machine)")
     args = p.parse_args(argv)
 
-    weights = args.assets / "deit_tiny" / "deit_tiny_patch16_224.pth"
-    data_root = args.assets / "cifar10-test" / "cifar10_test_jpg.tar"
-    for path in (weights, data_root):
-        if not path.exists():
-            print(f"missing asset: {path} (set --assets or COMPRESS_ASSETS)", file=sys.stderr)
-            return 2
+    found = bench_assets.find(args.assets, bench_assets.DEIT_TINY, bench_assets.CIFAR10)
+    if found is None:
+        return 2
+    weights, data_root = found
     t0 = time.perf_counter()
     threads = measure.pin_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
     if args.work.exists() and not args.reuse:

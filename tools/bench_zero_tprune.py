@@ -18,7 +18,8 @@ import compress  # noqa: F401  (torchvision guard first)
 import torch
 import yaml
 
-from compress.data.imagenet import ImageNet
+import bench_assets
+
 from compress.models import build_model
 from compress.pruners.base import build_pruner
 from compress.recipe import ModelConfig
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--assets", type=Path, default=Path(os.environ.get("COMPRESS_ASSETS", HERE.parent.parent / "shared" / "assets")))
+    bench_assets.add_argument(p)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--set", dest="params", action="append", default=[], help="pruner parameter, e.g. target_gmacs_ratio=0.65")
     p.add_argument("--batch-sizes", default="32,1")
@@ -38,12 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "zero_tprune_deit_tiny")
     args = p.parse_args(argv)
 
-    weights = args.assets / "deit_tiny" / "deit_tiny_patch16_224.pth"
-    images = args.assets / "imagenet-sample"
-    for path in (weights, images / "val"):
-        if not path.exists():
-            print(f"missing asset: {path}", file=sys.stderr)
-            return 2
+    found = bench_assets.find(args.assets, bench_assets.DEIT_TINY, bench_assets.IMAGENET + "/val")
+    if found is None:
+        return 2
+    weights, images = found[0], args.assets / bench_assets.IMAGENET
     torch.set_num_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
     spec = {"name": "zero_tprune"}
     for item in args.params:
@@ -53,8 +52,7 @@ def main(argv=None) -> int:
     dense = build_model(ModelConfig(name="deit_tiny_patch16_224", checkpoint=weights)).eval()
     pruned = build_model(ModelConfig(name="deit_tiny_patch16_224", checkpoint=weights)).eval()
     build_pruner(spec).attach(pruned)
-    source = ImageNet(images, limit=args.limit)
-    loader = torch.utils.data.DataLoader(source.dataset("val", dense), batch_size=100, num_workers=2)
+    loader = torch.utils.data.DataLoader(bench_assets.imagenet_val(images, dense, args.limit), batch_size=100)
     acc = {"dense": evaluate(dense, loader, 1000), "pruned": evaluate(pruned, loader, 1000)}
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     bench = compare(dense, pruned, (3, 224, 224), sizes, repeats=args.repeats)
