@@ -58,14 +58,19 @@ def summary_table(metrics: Dict[str, Any]) -> str:
     return table(rows, cols) + "\n(ratio row: pruned/dense for GMACs, params, images/s; difference in points for accuracy)"
 
 
-def export_context(ctx, out, metrics: Dict[str, Any]):
-    """Finalize the pruners of a run and write its export folder."""
+def finalize_pruners(ctx) -> list:
+    """Make every pruner's decision physical (pending prunes, frozen masks); returns their structural edits."""
+    return [p.finalize(ctx.model) for p in ctx.pruners]
+
+
+def export_context(ctx, out, metrics: Dict[str, Any], edits=None):
+    """Write the export folder of a run (finalizing its pruners unless their ``edits`` are given)."""
     from compress.export import save
     from compress.models.build import model_spec
     from compress.recipe import dump_recipe
 
     recipe = ctx.recipe
-    edits = [p.finalize(ctx.model) for p in ctx.pruners]
+    edits = finalize_pruners(ctx) if edits is None else edits
     return save(ctx.model, out, model_spec(recipe.model.name, recipe.model.kwargs), ctx.pruners, edits,
                 dump_recipe(recipe), _exportable(metrics), input_size=ctx.input_size)
 
@@ -77,6 +82,7 @@ def finish(ctx) -> Dict[str, Any]:
         return ctx.metrics
     recipe = ctx.recipe
     metrics = ctx.metrics
+    edits = finalize_pruners(ctx)  # first, so the evaluation and the timing see the model that is exported
     model = ctx.model.eval()
     if recipe.evaluate.enabled:
         metrics["pruned"] = evaluate_model(ctx, model)
@@ -87,7 +93,7 @@ def finish(ctx) -> Dict[str, Any]:
         metrics["bench"] = compare(dense, model, ctx.input_size, (recipe.evaluate.batch_size,), _device(recipe))
     if recipe.export.enabled:
         out = recipe.export.dir or (ctx.run_dir / "export")
-        export_context(ctx, out, metrics)
+        export_context(ctx, out, metrics, edits)
         metrics["export"] = str(out)
         _log(f"exported to {out}")
     from compress.pruners.weight import has_weight_pruner, storage_lines, storage_report

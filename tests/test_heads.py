@@ -194,3 +194,27 @@ def test_fit_prunes_while_training_then_distills_and_exports(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(loaded(x)).all()
     assert metrics["pruned"]["images"] == 32
+
+
+def test_a_prune_stage_without_training_is_measured_as_exported(tmp_path):
+    """The run's own accuracy and GMACs describe the exported (finalized, narrower) model, not the model
+    as it stood before the pending prunes."""
+    import yaml
+
+    from compress.run import fit
+
+    recipe = {
+        "name": "heads_zero_shot",
+        "model": {"name": "quickstart_vit", "kwargs": {"depth": 2}},
+        "data": {"kind": "quickstart", "batch_size": 16, "num_workers": 0, "params": {"num_train": 32, "num_val": 32}},
+        "stages": [{"kind": "prune", "pruner": {"name": "heads", "target_gmacs_ratio": 0.6}}],
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "evaluate": {"batch_size": 4},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    metrics = fit(path, out=tmp_path / "runs")
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    loaded = compress.load(run_dir / "export")
+    assert metrics["bench"]["pruned"]["params"] == count_params(loaded)
+    assert metrics["bench"]["ratios"]["gmacs"] < 0.65
