@@ -65,12 +65,14 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     recipe = load_recipe(recipe_path, overrides)
     dense = build_model(recipe.model).eval()
     pruned = copy.deepcopy(dense)
+    pruners = []
     for i, stage in enumerate(recipe.stages):
         if stage.pruner is not None:
             pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
             pruner.attach(pruned)
             pruner.finalize(pruned)
-    return dense, pruned, tuple(build_source(recipe).input_size(dense))
+            pruners.append(pruner)
+    return dense, pruned, tuple(build_source(recipe).input_size(dense)), pruners
 
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
@@ -82,22 +84,15 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         dense = build_base(pruned._compress_manifest).eval()
         size = _input_size(pruned, pruned._compress_manifest)
         source = str(checkpoint)
+        pruners = pruned._compress_manifest["pruners"]
     else:
-        dense, pruned, size = _recipe_models(recipe, overrides)
+        dense, pruned, size, pruners = _recipe_models(recipe, overrides)
         source = str(recipe)
     results = compare(dense, pruned, size, batch_sizes, device, repeats)
     results["source"] = source
     from compress.pruners.weight import has_weight_pruner, storage_report
 
-    if checkpoint is not None:
-        weight = has_weight_pruner(pruned._compress_manifest["pruners"])
-    else:
-        from compress.recipe import load_recipe
-        from compress.registry import PRUNERS
-
-        weight = any(s.pruner is not None and PRUNERS.get(s.pruner.name).kind == "weight"
-                     for s in load_recipe(recipe, overrides).stages)
-    if weight:  # unstructured zeros: nonzero params and the real file size
+    if has_weight_pruner(pruners):  # unstructured zeros: nonzero params and the real file size
         results["storage"] = storage_report(dense, pruned, checkpoint)
     results["input_size"] = list(size)
     return results
