@@ -216,7 +216,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
     if stage.kind == "prune":
         if ctx.dense is None:
             ctx.dense = copy.deepcopy(ctx.model).eval()
-            if ctx.recipe.evaluate.enabled:
+            if ctx.recipe.evaluate.enabled and is_global_zero():  # other DDP ranks would only repeat it
                 ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense)
                 _log(f"dense: {_fmt(ctx.metrics['dense'])}")
         if not any(p._stage == i for p in ctx.pruners):
@@ -237,7 +237,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         ctx.model.train()
         trainer.fit(task, train_dataloaders=train, ckpt_path=ckpt_path)
     ctx.model.eval()
-    if stage.evaluate and ctx.recipe.evaluate.enabled:
+    if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
         ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model)
     _save_stage(ctx, i, stage_dir)
 
