@@ -10,7 +10,7 @@ sum of |w * dL/dw| over the same weights, accumulated over the optimizer steps s
 
 Physically smaller at once: removed rows/columns leave the ``nn.Linear`` layers through
 torch-pruning's pruning functions, and ``num_heads``/``attn_dim`` of timm's ``Attention`` follow, so
-fused SDPA keeps working. Rank 0 decides and broadcasts the kept indices (``sync.decide_on_rank0``).
+fused SDPA keeps working. Rank 0 decides and broadcasts the kept indices (``distributed.decide_on_rank0``).
 
 Optimizer and DDP: in a single process the model shrinks in ``on_train_batch_start`` and the
 optimizer's param groups are pointed at the new tensors (their Adam/momentum state is dropped). Under
@@ -22,7 +22,6 @@ prunes happen at the start of the next training stage's schedule or, at the late
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
@@ -30,9 +29,9 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from pydantic import Field, model_validator
 
+from compress import distributed
 from compress.errors import CompressError
 from compress.pruners.base import Pruner, PrunerConfig
-from compress.pruners.structured import sync
 from compress.pruners.structured.widths import (
     apply_widths, changed_widths, keep_heads, keep_hidden, param_names, read_widths, swap_optimizer_params,
     vit_blocks,
@@ -248,7 +247,7 @@ class HeadsPruner(Pruner):
                              "hidden": top_k(ms, alive_m, min(m, len(alive_m)))})
             return kept
 
-        return sync.decide_on_rank0(choose)
+        return distributed.decide_on_rank0(choose)
 
     def prune_event(self, physical: bool = True, optimizers=()) -> None:
         """One step of the schedule: decide, then shrink (or mask, under a multi-process strategy)."""

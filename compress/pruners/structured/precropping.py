@@ -35,9 +35,10 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from pydantic import Field
 
+from compress import distributed
 from compress.errors import CompressError
 from compress.pruners.base import Pruner, PrunerConfig
-from compress.pruners.structured import pai_scores, sync
+from compress.pruners.structured import pai_scores
 from compress.pruners.structured.heads import round_width
 from compress.pruners.structured.widths import (
     apply_widths, changed_widths, keep_heads, keep_hidden, read_widths, vit_blocks,
@@ -239,7 +240,7 @@ class PreCroppingPruner(Pruner):
         key = _fingerprint(model, self.spec())
         if key not in _CACHE:
             _CACHE.clear()
-            _CACHE[key] = sync.decide_on_rank0(decide)
+            _CACHE[key] = distributed.decide_on_rank0(decide)
         widths, self.densities, self.ratios = (dict(d) for d in _CACHE[key])
         return widths
 
@@ -296,5 +297,5 @@ def reinitialise(model: nn.Module) -> None:
 
 class _SameWidthsOnAllRanks(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not sync.same_on_all_ranks(read_widths(pl_module.model)):
+        if not distributed.same_on_all_ranks(read_widths(pl_module.model)):
             raise CompressError("precropping: the ranks cropped the model to different widths")

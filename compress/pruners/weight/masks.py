@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
+from compress.distributed import world_size
 from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
 
@@ -167,13 +168,9 @@ def layer_sparsity(layers: Dict[str, nn.Module]) -> Dict[str, float]:
 # -- every rank the same --------------------------------------------------------------------------------
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
 def broadcast_masks(masks: Masks, src: int = 0) -> Masks:
     """Rank ``src``'s masks on every rank (one flat uint8 broadcast); unchanged outside torch.distributed."""
-    if not _distributed():
+    if world_size() == 1:
         return masks
     names = list(masks)
     flat = torch.cat([masks[n].reshape(-1).to(torch.uint8) for n in names])

@@ -1,4 +1,5 @@
-"""Rank-0 decisions: every rank must remove the same heads/channels, or the ranks' models diverge.
+"""Rank-0 decisions for pruners: every rank must remove the same weights/heads/channels, or the ranks' models
+diverge.
 
 ``decide_on_rank0`` runs the decision on rank 0 only and broadcasts it (a JSON-able object such as
 kept indices) to every rank with ``torch.distributed.broadcast_object_list``; without an initialised
