@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,12 @@ def find(assets: Path, *relpaths: str) -> Optional[List[Path]]:
             print(f"missing asset: {path} (set --assets or COMPRESS_ASSETS)", file=sys.stderr)
             return None
     return paths
+
+
+def deit_tiny_and_imagenet(assets: Path) -> Optional[Tuple[Path, Path]]:
+    """(DeiT-Tiny weights, ImageNet sample folder), or None after saying which one is missing."""
+    found = find(assets, DEIT_TINY, IMAGENET + "/val")
+    return None if found is None else (found[0], assets / IMAGENET)
 
 
 def imagenet_val(images: Path, model, limit: Optional[int]) -> torch.utils.data.TensorDataset:

@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
     args = p.parse_args(argv)
 
-    found = bench_assets.find(args.assets, bench_assets.DEIT_TINY, bench_assets.IMAGENET + "/val")
+    found = bench_assets.deit_tiny_and_imagenet(args.assets)
     if found is None:
         return 2
-    weights, images = found[0], args.assets / bench_assets.IMAGENET
+    weights, images = found
     t0 = time.perf_counter()
     threads = measure.pin_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
     dense = build_model(ModelConfig(name=MODEL, checkpoint=weights)).eval()

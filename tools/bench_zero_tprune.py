@@ -39,10 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "zero_tprune_deit_tiny")
     args = p.parse_args(argv)
 
-    found = bench_assets.find(args.assets, bench_assets.DEIT_TINY, bench_assets.IMAGENET + "/val")
+    found = bench_assets.deit_tiny_and_imagenet(args.assets)
     if found is None:
         return 2
-    weights, images = found[0], args.assets / bench_assets.IMAGENET
+    weights, images = found
     torch.set_num_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
     spec = {"name": "zero_tprune"}
     for item in args.params:
