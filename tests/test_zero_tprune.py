@@ -12,9 +12,12 @@ from compress.pruners.base import build_pruner
 from compress.pruners.token.zero_tprune import (
     aggregate_heads,
     initial_scores,
+    merge_into,
+    similarity_pairs,
     similarity_victims,
     weighted_pagerank,
 )
+from vit_zoo import DIST, VIT, export_round_trip, images, make
 
 
 def row_stochastic(*shape, seed=0):
@@ -152,3 +155,90 @@ def test_masked_wpr_equals_wpr_on_the_gathered_subgraph():
     out = weighted_pagerank(attn, 7, init, alive)
     assert torch.allclose(out[..., keep], ref)
     assert torch.all(out[..., [2, 5, 6, 9, 10]] == 0)
+
+
+# ---- merge: the S-stage averages each removed token into its partner (not in the paper) -------
+
+
+def test_merge_is_the_size_weighted_mean_of_each_partner_and_its_victims():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    size = torch.rand(2, 7, generator=g, dtype=torch.float64) * 3 + 1
+    victims = torch.tensor([[5, 6, 4], [3, 6, 5]])
+    partners = torch.tensor([[0, 0, 2], [1, 1, 1]])  # several victims may share a partner
+    out, new_size = merge_into(x, size, victims, partners)
+    for b in range(2):
+        for p in set(partners[b].tolist()):
+            group = [p] + [v for v, q in zip(victims[b].tolist(), partners[b].tolist()) if q == p]
+            w = size[b, group]
+            assert torch.allclose(out[b, p], (x[b, group] * w[:, None]).sum(0) / w.sum())
+            assert torch.isclose(new_size[b, p], w.sum())
+        untouched = [i for i in range(7) if i not in partners[b].tolist()]
+        assert torch.equal(out[b, untouched], x[b, untouched]) and torch.equal(new_size[b, untouched], size[b, untouched])
+
+
+def test_similarity_pairs_name_each_victims_most_similar_important_token():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 10, 16, generator=g)
+    importance = torch.arange(10, 0, -1).float().unsqueeze(0)
+    keys[0, 8] = keys[0, 1] * 3
+    keys[0, 9] = keys[0, 2] + 0.01
+    victims, partners = similarity_pairs(keys, importance, 2)
+    assert dict(zip(victims[0].tolist(), partners[0].tolist())) == {8: 1, 9: 2}
+
+
+@pytest.mark.parametrize("cfg", [VIT, DIST], ids=["vit", "distilled"])
+def test_merge_conserves_the_patch_mass_and_keeps_prefix_tokens(cfg):
+    """With only the S-stage, every removed patch is merged into a kept one: sizes sum to the patch count."""
+    model = make(cfg)
+    spec = {"name": "zero_tprune", "merge": True, "similarity_share": 1.0,
+            "schedule": [{"block": 0, "s_ratio": 0.25}, {"block": 1, "s_ratio": 0.25}]}
+    pruner = build_pruner(spec)
+    pruner.attach(model)
+    with torch.no_grad():
+        model(images())
+    state, P = model._compress_tokens.state, model.num_prefix_tokens
+    assert state.counts[:3] == [P + 64, P + 48, P + 36] == pruner.expected_tokens()[:3]  # 25 % of the current patches
+    assert torch.allclose(state.size[:, P:].sum(1), torch.full((2,), 64.0))
+    assert torch.all(state.size[:, :P] == 1) and torch.all(state.size[:, P:] >= 1)
+    assert torch.equal(state.index[:, :P], torch.arange(P).expand(2, P))
+
+
+def test_merge_changes_the_outputs_and_proportional_attention_matters():
+    """Merging is not dropping: same schedule, different logits; and removing the size bias changes them again."""
+    x = images()
+    schedule = [{"block": 0, "s_ratio": 0.3, "i_ratio": 0.1}, {"block": 2, "s_ratio": 0.3}]
+    outs = {}
+    for merge in (False, True):
+        model = make(VIT)
+        build_pruner({"name": "zero_tprune", "merge": merge, "schedule": schedule}).attach(model)
+        with torch.no_grad():
+            outs[merge] = model(x)
+        if merge:
+            model._compress_tokens.policy.prop_attn = False
+            with torch.no_grad():
+                outs["no_bias"] = model(x)
+    assert not torch.allclose(outs[False], outs[True], atol=1e-4)
+    assert not torch.allclose(outs[True], outs["no_bias"], atol=1e-4)
+
+
+def test_merge_with_nothing_removed_is_dense():
+    model = make(VIT)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+    build_pruner({"name": "zero_tprune", "merge": True, "schedule": [{"block": 1}]}).attach(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)
+    assert model._compress_tokens.state.size is None  # no merge happened: plain SDPA everywhere
+
+
+def test_merge_trains_and_exports(tmp_path):
+    model = make(VIT)
+    pruner = build_pruner({"name": "zero_tprune", "merge": True, "schedule": [{"block": 1, "s_ratio": 0.3, "i_ratio": 0.2}]})
+    pruner.attach(model)
+    model.train()
+    model(images()).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].parameters())  # gradients flow through the merge
+    model.eval()
+    export_round_trip(model, pruner, VIT, images(seed=3), tmp_path / "export")

@@ -4,7 +4,9 @@ A pruning layer after block l reads that block's attention probabilities and run
 a one-pass pre-ranking (I'), similarity pruning of the less important half against the more
 important half on cosine similarity of keys (S, "Sequential-U"), then Weighted PageRank importance
 on the remaining tokens (I) with RMS head aggregation (EIR) and a variance band head filter (VHF).
-No training. See docs/methods.md §2; the variance band is applied to the head's scores rescaled to
+No training. With ``merge`` (not in the paper) the S-stage averages each removed token into its
+partner and attention weighs tokens by how many patches they stand for, as in ToMe: on DeiT-Tiny
+this halves the drift from the dense model's outputs (tools/results/zero_tprune_deit_tiny.md). See docs/methods.md §2; the variance band is applied to the head's scores rescaled to
 mean 1 over the patch tokens (the paper does not state the scale).
 """
 from __future__ import annotations
@@ -48,11 +50,14 @@ def weighted_pagerank(attn: torch.Tensor, iters: int, init: torch.Tensor, alive:
             for _ in range(iters):
                 v = torch.bmm(v, a)
         elif iters > 0:
-            # s <- ((s * w) @ A) * live, iterated on u = s * w: u <- (u @ A) * (live * w), two ops a step
+            # s <- ((s * w) @ A) * live, iterated on u = s * w: u <- u @ (A * (live * w)), the column
+            # scaling folded into the chunk's matrices once so every step is a single GEMV
             w, live = inv_mass[i:i + chunk], alive[i:i + chunk]
-            u, step = v * w, live * w
-            for _ in range(iters - 1):
-                u = torch.bmm(u, a) * step
+            u = v * w
+            if iters > 1:
+                scaled = a * (live * w)
+                for _ in range(iters - 1):
+                    u = torch.bmm(u, scaled)
             v = torch.bmm(u, a) * live
         out[i:i + chunk] = v
     return out.reshape(*lead, n)
@@ -86,16 +91,37 @@ def aggregate_heads(scores: torch.Tensor, band: Tuple[float, float]) -> torch.Te
 def similarity_victims(keys: torch.Tensor, importance: torch.Tensor, r: int) -> torch.Tensor:
     """S-stage (Sequential-U): indices (B x r) of the r less-important tokens most similar to the
     more-important half. ``keys`` is B x M x C, ``importance`` B x M."""
-    M = keys.shape[1]
+    return similarity_pairs(keys, importance, r)[0]
+
+
+def similarity_pairs(keys: torch.Tensor, importance: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The S-stage's r (victim, partner) pairs, each B x r: a victim from the less important half and
+    the token of the more important half it is most cosine-similar to."""
+    B, M = importance.shape
     order = importance.argsort(dim=1, descending=True)
     half = (M + 1) // 2
     top, low = order[:, :half], order[:, half:]
+    rows = torch.arange(B, device=keys.device).unsqueeze(1)
     k = torch.nn.functional.normalize(keys, dim=-1)
-    k_low = k.gather(1, low.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
-    k_top = k.gather(1, top.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
-    best = (k_low @ k_top.transpose(1, 2)).amax(-1)
-    pick = best.topk(min(r, low.shape[1]), dim=1).indices
-    return low.gather(1, pick)
+    best, partner = (k[rows, low] @ k[rows, top].transpose(1, 2)).max(-1)
+    pick = best.topk(min(r, M - half), dim=1).indices
+    return low.gather(1, pick), top.gather(1, partner.gather(1, pick))
+
+
+def merge_into(x: torch.Tensor, size: torch.Tensor, victims: torch.Tensor, partners: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean of every victim into its partner (``x`` B x M x C, ``size`` B x M); the
+    victims' rows are left as they are (the caller drops them). Returns (x, size).
+
+    Only the partners' rows change, by x_p += sum_v s_v (x_v - x_p) / S_p (S_p: the merged size),
+    which is the weighted mean without reweighting the whole tensor.
+    """
+    B, M, C = x.shape
+    offset = (torch.arange(B, device=x.device) * M).unsqueeze(1)
+    flat_v, flat_p = (victims + offset).reshape(-1), (partners + offset).reshape(-1)
+    flat_x, flat_s = x.reshape(B * M, C), size.reshape(-1)
+    merged = flat_s.index_add(0, flat_p, flat_s[flat_v])
+    delta = (flat_x[flat_v] - flat_x[flat_p]) * (flat_s[flat_v] / merged[flat_p]).to(x.dtype).unsqueeze(-1)
+    return flat_x.index_add(0, flat_p, delta).view(B, M, C), merged.view(B, M)
 
 
 def _complement(m: int, drop: torch.Tensor) -> torch.Tensor:
@@ -120,25 +146,31 @@ class PruningLayer(PrunerConfig):
         return self
 
 
-# Default budget: the paper's DeiT-S operating point (Zero-TP-a, -34.7 % FLOPs), spread gradually over
-# pruning layers after every other block from depth/6 to depth-2 (DeiT: 2, 4, 6, 8, 10). Measured on
-# DeiT-Tiny: this beats 2-3 large steps on accuracy and 9 small steps on speed (see README).
+# Default budget: the paper's DeiT-S operating point (Zero-TP-a, -34.7 % FLOPs), spread over pruning
+# layers after every other block from depth/4 to depth-3 (DeiT: 3, 5, 7, 9), three quarters of each
+# layer's removals by the S-stage. Measured on DeiT-Tiny (tools/results/zero_tprune_deit_tiny.md): as
+# close to the dense outputs as starting at block 2 or pruning after every block, and faster, since
+# there are fewer pruning layers and none in the first three blocks, where WPR needs 30 iterations.
 DEFAULT_GMACS_RATIO = 0.655  # analytic (blocks only); measured on DeiT-S: about 0.665
 
 
 class ZeroTPruneConfig(PrunerConfig):
     schedule: Optional[List[PruningLayer]] = Field(
-        None, description="pruning layers; default: after every other block from depth/6 on, at about 0.665 of dense GMACs"
+        None, description="pruning layers; default: after every other block from depth/4 on, at about 0.665 of dense GMACs"
     )
     target_gmacs_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="budget instead of a schedule: the blocks' MACs relative to dense"
     )
-    similarity_share: float = Field(0.5, ge=0, le=1, description="share of removals done by the S-stage")
+    similarity_share: float = Field(0.75, ge=0, le=1, description="share of removals done by the S-stage")
     wpr_iters: Optional[Union[int, List[int]]] = Field(
         None, description="WPR iterations: one number, or one per block; default 30 / 8 / 1 (first 3 / middle / last 3)"
     )
     cls_init: Literal["sqrt_n", "uniform"] = "sqrt_n"
     head_band: Tuple[float, float] = Field((0.01, 0.7), description="VHF variance band [v_min, v_max]")
+    merge: bool = Field(
+        False, description="S-stage merges each removed token into its most similar kept one (size-weighted mean) and "
+        "attention counts every token by its size, as ToMe does; the paper prunes (false)"
+    )
 
     @model_validator(mode="after")
     def _exclusive(self):
@@ -156,10 +188,14 @@ class ZeroTPrune(TokenPruner):
     name = "zero_tprune"
     Config = ZeroTPruneConfig
 
+    def __init__(self, config=None, **params):
+        super().__init__(config, **params)
+        self.prop_attn = bool(self.config.merge)  # proportional attention needs the merged sizes
+
     # -- planning ---------------------------------------------------------------------------
     @staticmethod
     def default_blocks(depth: int) -> List[int]:
-        return list(range(max(1, round(depth / 6)), depth - 1, 2))
+        return list(range(max(1, round(depth / 4)), depth - 2, 2))
 
     def solve_schedule(self, geometry, target: float) -> List[PruningLayer]:
         """One removal fraction for every default pruning layer, solved for ``target`` GMACs."""
@@ -237,7 +273,13 @@ class ZeroTPrune(TokenPruner):
             # I': a single voting pass only orders the tokens for the partition.
             pre = aggregate_heads(weighted_pagerank(attn, 1, init)[..., P:], band)
             keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float()
-            victims = similarity_victims(keys, pre, r_s)
+            victims, partners = similarity_pairs(keys, pre, r_s)
+            if self.config.merge:
+                if state.size is None:  # sizes start at the first merge: the blocks before keep plain SDPA
+                    state.size = torch.ones(B, N, device=x.device, dtype=torch.float32)
+                patches, size = merge_into(x[:, P:], state.size[:, P:], victims, partners)
+                x = torch.cat([x[:, :P], patches], dim=1)
+                state.size = torch.cat([state.size[:, :P], size], dim=1)
             remaining = _complement(m, victims)
         if r_i:
             # I: Weighted PageRank on the graph of the tokens that survived S.
