@@ -1,13 +1,15 @@
 """Zero-shot token pruners on the real DeiT-Tiny: top-1 vs executed GMACs vs measured CPU images/s.
 
     python tools/bench_token_pruners.py [--assets ../shared/assets] [--budgets 0.9,0.75,0.65,0.5]
-                                        [--pruners zero_tprune,gtp,tome] [--batch-sizes 32,1]
+                                        [--pruners "zero_tprune,zero_tprune merge,gtp,tome"]
+                                        [--pruner LABEL='{name: tome, prop_attn: false}'] [--batch-sizes 32,1]
 
 Every pruner gets the same budget, ``target_gmacs_ratio`` (the blocks' MACs relative to dense), and
 turns it into its own schedule; the table reports the executed GMACs measured with FlopCounterMode,
 so small differences from the asked budget are visible. Accuracy is on the 1000-image ImageNet
 sample (one image per class: each image is 0.1 point, about +-1.3 points of noise; paired
-differences on the same images are tighter). Speed-ups are measured against dense in the same
+differences on the same images are tighter, and the agreement with dense and KL(dense || pruned)
+columns measure how far each pruner moves the outputs without needing labels). Speed-ups are measured against dense in the same
 process, interleaved, median of repeats. Writes tools/results/token_pruners_deit_tiny.{json,md,png}.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import compress  # noqa: F401  (torchvision guard first)
 import torch
 
+import yaml
+
 import bench_assets
 
 from compress import measure
@@ -30,10 +34,15 @@ from compress.models import build_model
 from compress.pruners.base import build_pruner
 from compress.recipe import ModelConfig
 from compress.report import table
-from compress.tasks.classification import evaluate
 
 HERE = Path(__file__).resolve().parent
 MODEL = "deit_tiny_patch16_224"
+PRUNERS = {  # label -> spec (the budget is added)
+    "zero_tprune": {"name": "zero_tprune"},
+    "zero_tprune merge": {"name": "zero_tprune", "merge": True},
+    "gtp": {"name": "gtp"},
+    "tome": {"name": "tome"},
+}
 
 
 def speed(dense, pruned, input_size, batch_sizes, repeats):
@@ -85,10 +94,12 @@ def markdown(result, argv) -> str:
         rows[f"{r['pruner']} @ {r['budget']:.2f}"] = {
             "budget": f"{r['budget']:.2f}", "ratio": r["gmacs_ratio"], "gmacs": r["gmacs"], "top1": r["top1"],
             "top5": r["top5"], "drop": r["top1"] - d["top1"], "ideal": 1 / r["gmacs_ratio"],
+            "agree": r["paired"]["agreement"], "kl": r["paired"]["kl"],
             **{f"s{bs}": r["speedup"][str(bs)] for bs in sizes},
         }
     cols = [("gmacs", "GMACs", ".3f"), ("ratio", "GMACs ratio", ".3f"), ("top1", "top-1 %", ".1f"), ("top5", "top-5 %", ".1f"),
-            ("drop", "Δ top-1", "+.1f"), ("ideal", "1/ratio", ".2f")] + [(f"s{bs}", f"speed-up @{bs}", ".2f") for bs in sizes]
+            ("drop", "Δ top-1", "+.1f"), ("agree", "agrees with dense %", ".1f"), ("kl", "KL", ".3f"),
+            ("ideal", "1/ratio", ".2f")] + [(f"s{bs}", f"speed-up @{bs}", ".2f") for bs in sizes]
     lines = [f"# Zero-shot token pruners on DeiT-Tiny ({result['images']} ImageNet val images, CPU {result['threads']} threads)",
              "", "Each pruner gets `target_gmacs_ratio` = budget and solves its own schedule; GMACs are measured on the executed "
              "forward. Speed-ups are images/s relative to dense, timed interleaved in the same process.", "",
@@ -114,12 +125,21 @@ def main(argv=None) -> int:
     bench_assets.add_argument(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate on this many images (default: all)")
     p.add_argument("--budgets", default="0.9,0.75,0.65,0.5")
-    p.add_argument("--pruners", default="zero_tprune,gtp,tome")
+    p.add_argument("--pruners", default=",".join(PRUNERS), help="labels to run, from the built-in ones and --pruner")
+    p.add_argument("--pruner", action="append", default=[], help="LABEL={yaml spec}: one more pruner")
     p.add_argument("--batch-sizes", default="32,1")
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
     args = p.parse_args(argv)
 
+    specs = dict(PRUNERS)
+    for item in args.pruner:
+        label, _, spec = item.partition("=")
+        specs[label] = yaml.safe_load(spec)
+    labels = args.pruners.split(",") + [item.partition("=")[0] for item in args.pruner if item.partition("=")[0] not in args.pruners.split(",")]
+    unknown = [label for label in labels if label not in specs]
+    if unknown:
+        p.error(f"unknown pruner label(s) {unknown}; built in: {sorted(PRUNERS)}")
     found = bench_assets.deit_tiny_and_imagenet(args.assets)
     if found is None:
         return 2
@@ -128,27 +148,29 @@ def main(argv=None) -> int:
     threads = measure.pin_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
     dense = build_model(ModelConfig(name=MODEL, checkpoint=weights)).eval()
     data = bench_assets.imagenet_val(images, dense, args.limit)
-    loader = torch.utils.data.DataLoader(data, batch_size=100)
+    labels_y = data.tensors[1]
     input_size = tuple(data[0][0].shape)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     example = data[0][0].unsqueeze(0)
-    acc = evaluate(dense, loader, 1000)
-    result = {"model": MODEL, "images": acc["images"], "threads": threads, "batch_sizes": sizes, "torch": torch.__version__,
-              "dense": {"gmacs": measure.count_gmacs(dense, example), "top1": acc["top1"], "top5": acc["top5"]}, "rows": []}
-    print(f"dense: top-1 {acc['top1']:.1f}, {result['dense']['gmacs']:.3f} GMACs", flush=True)
-    for name in args.pruners.split(","):
+    dense_logits = bench_assets.logits(dense, data)
+    acc = bench_assets.paired(dense_logits, dense_logits, labels_y)
+    result = {"model": MODEL, "images": len(labels_y), "threads": threads, "batch_sizes": sizes, "torch": torch.__version__,
+              "dense": {"gmacs": measure.count_gmacs(dense, example), "top1": acc["top1"]["dense"], "top5": acc["top5"]["dense"]},
+              "rows": []}
+    print(f"dense: top-1 {result['dense']['top1']:.1f}, {result['dense']['gmacs']:.3f} GMACs", flush=True)
+    for label in labels:
         for budget in (float(b) for b in args.budgets.split(",")):
             pruned = copy.deepcopy(dense)
-            spec = {"name": name, "target_gmacs_ratio": budget}
+            spec = {**specs[label], "target_gmacs_ratio": budget}
             build_pruner(spec).attach(pruned)
-            acc = evaluate(pruned, loader, 1000)
+            stats = bench_assets.paired(dense_logits, bench_assets.logits(pruned, data), labels_y)
             gmacs = measure.count_gmacs(pruned, example)
             speedup, prof = speed(dense, pruned, input_size, sizes, args.repeats)
-            row = {"pruner": name, "budget": budget, "spec": spec, "gmacs": gmacs, "gmacs_ratio": gmacs / result["dense"]["gmacs"],
-                   "top1": acc["top1"], "top5": acc["top5"], "speedup": speedup, "profile": prof}
+            row = {"pruner": label, "budget": budget, "spec": spec, "gmacs": gmacs, "gmacs_ratio": gmacs / result["dense"]["gmacs"],
+                   "top1": stats["top1"]["pruned"], "top5": stats["top5"]["pruned"], "paired": stats, "speedup": speedup, "profile": prof}
             result["rows"].append(row)
-            print(f"{name} @ {budget}: top-1 {row['top1']:.1f}, GMACs ratio {row['gmacs_ratio']:.3f}, speed-up "
-                  + ", ".join(f"{v:.2f}x @{bs}" for bs, v in speedup.items()), flush=True)
+            print(f"{label} @ {budget}: top-1 {row['top1']:.1f}, agreement {stats['agreement']:.1f}, GMACs ratio {row['gmacs_ratio']:.3f}, "
+                  "speed-up " + ", ".join(f"{v:.2f}x @{bs}" for bs, v in speedup.items()), flush=True)
     result["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

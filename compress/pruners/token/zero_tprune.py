@@ -43,7 +43,8 @@ def weighted_pagerank(attn: torch.Tensor, iters: int, init: torch.Tensor, alive:
         inv_mass = 1.0 / torch.bmm(mats, alive.transpose(1, 2)).transpose(1, 2).clamp_min(1e-12)
         s = s * alive
     out = torch.empty_like(s)
-    chunk = max(1, (1 << 20) // (n * n * attn.element_size()))
+    # one pass gains nothing from cache-sized chunks: then the whole batch is a single call
+    chunk = max(1, (1 << 20) // (n * n * attn.element_size())) if iters > 1 else mats.shape[0]
     for i in range(0, mats.shape[0], chunk):
         a, v = mats[i:i + chunk], s[i:i + chunk]
         if alive is None:
@@ -102,8 +103,9 @@ def similarity_pairs(keys: torch.Tensor, importance: torch.Tensor, r: int) -> Tu
     half = (M + 1) // 2
     top, low = order[:, :half], order[:, half:]
     rows = torch.arange(B, device=keys.device).unsqueeze(1)
-    k = torch.nn.functional.normalize(keys, dim=-1)
-    best, partner = (k[rows, low] @ k[rows, top].transpose(1, 2)).max(-1)
+    norm = keys.norm(dim=-1).clamp_min(1e-12)
+    cosine = (keys[rows, low] @ keys[rows, top].transpose(1, 2)) / (norm[rows, low].unsqueeze(-1) * norm[rows, top].unsqueeze(1))
+    best, partner = cosine.max(-1)
     pick = best.topk(min(r, M - half), dim=1).indices
     return low.gather(1, pick), top.gather(1, partner.gather(1, pick))
 
@@ -272,7 +274,7 @@ class ZeroTPrune(TokenPruner):
         if r_s:
             # I': a single voting pass only orders the tokens for the partition.
             pre = aggregate_heads(weighted_pagerank(attn, 1, init)[..., P:], band)
-            keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float()
+            keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float().contiguous()  # a strided view of qkv otherwise
             victims, partners = similarity_pairs(keys, pre, r_s)
             if self.config.merge:
                 if state.size is None:  # sizes start at the first merge: the blocks before keep plain SDPA
