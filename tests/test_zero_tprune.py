@@ -100,6 +100,14 @@ def test_target_gmacs_ratio_is_met(target):
     assert abs(count_gmacs(model, x) / dense - target) < 0.03
 
 
+@pytest.mark.parametrize("target, layers", [(None, [3, 5, 7, 9]), (0.75, [3, 5, 7, 9]), (0.5, list(range(2, 11)))])
+def test_larger_budgets_spread_over_more_pruning_layers(target, layers):
+    pruner = build_pruner({"name": "zero_tprune", "target_gmacs_ratio": target})
+    pruner.attach(deit("deit_tiny_patch16_224"))
+    assert sorted(pruner.layers) == layers
+    assert all(step.s_ratio + step.i_ratio <= 0.3 for step in pruner.layers.values())
+
+
 def test_schedule_is_followed_and_prefix_kept(tiny_vit):
     spec = {"name": "zero_tprune", "schedule": [{"block": 0, "s_ratio": 0.25, "i_ratio": 0.25}]}
     pruner = build_pruner(spec)

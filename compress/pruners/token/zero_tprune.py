@@ -154,6 +154,7 @@ class PruningLayer(PrunerConfig):
 # close to the dense outputs as starting at block 2 or pruning after every block, and faster, since
 # there are fewer pruning layers and none in the first three blocks, where WPR needs 30 iterations.
 DEFAULT_GMACS_RATIO = 0.655  # analytic (blocks only); measured on DeiT-S: about 0.665
+MAX_REMOVAL = 0.3  # a larger budget spreads over more pruning layers (see ZeroTPrune.solve_schedule)
 
 
 class ZeroTPruneConfig(PrunerConfig):
@@ -196,21 +197,35 @@ class ZeroTPrune(TokenPruner):
 
     # -- planning ---------------------------------------------------------------------------
     @staticmethod
-    def default_blocks(depth: int) -> List[int]:
-        return list(range(max(1, round(depth / 4)), depth - 2, 2))
+    def candidate_blocks(depth: int) -> List[List[int]]:
+        """Pruning-layer positions for a budget, fewest layers first: every other block from depth/4
+        (DeiT: 3, 5, 7, 9), every other from depth/6 (2, 4, 6, 8, 10), every block from depth/6, every
+        block from 1."""
+        quarter, sixth = max(1, round(depth / 4)), max(1, round(depth / 6))
+        return [list(range(quarter, depth - 2, 2)), list(range(sixth, depth - 1, 2)),
+                list(range(sixth, depth - 1)), list(range(1 if depth > 2 else 0, depth - 1))]
 
     def solve_schedule(self, geometry, target: float) -> List[PruningLayer]:
-        """One removal fraction for every default pruning layer, solved for ``target`` GMACs."""
+        """One removal fraction for every pruning layer, solved for ``target`` GMACs, on the first
+        candidate positions where no layer removes more than MAX_REMOVAL of the patch tokens: few
+        layers cost least, but on DeiT-Tiny at 0.5 of the GMACs four layers removing 45 % each lose 12
+        points more than nine removing 22 %."""
         share = self.config.similarity_share
 
-        def layers_for(removed: float) -> List[PruningLayer]:
-            return [PruningLayer(block=b, s_ratio=removed * share, i_ratio=removed * (1 - share))
-                    for b in self.default_blocks(geometry["depth"])]
+        def layers_for(blocks, removed: float) -> List[PruningLayer]:
+            return [PruningLayer(block=b, s_ratio=removed * share, i_ratio=removed * (1 - share)) for b in blocks]
 
-        def ratio(keep: float) -> float:
-            return tokens.schedule_macs_ratio(geometry, self._counts(geometry, layers_for(1 - keep)))
+        candidates = [c for c in self.candidate_blocks(geometry["depth"]) if c]
+        if not candidates:
+            raise CompressError(f"zero_tprune: a {geometry['depth']}-block model has no block to prune after")
+        for blocks in candidates:
+            def ratio(keep: float, blocks=blocks) -> float:
+                return tokens.schedule_macs_ratio(geometry, self._counts(geometry, layers_for(blocks, 1 - keep)))
 
-        return layers_for(1 - tokens.solve_monotone(ratio, target, 0.02, 1.0))
+            removed = 1 - tokens.solve_monotone(ratio, target, 0.02, 1.0)
+            if removed <= MAX_REMOVAL:
+                break
+        return layers_for(blocks, removed)
 
     def plan(self, geometry) -> None:
         cfg, depth = self.config, geometry["depth"]
