@@ -42,6 +42,34 @@ def test_token_pruner_prunes_and_round_trips_through_export(name, tmp_path):
     assert not hasattr(model, "_compress_tokens")
 
 
+@pytest.mark.parametrize("name", TOKEN_PRUNERS)
+def test_token_pruner_export_pins_its_plan(name, tmp_path):
+    """A budget or default schedule is resolved when attached; the export stores the resolved plan, so the
+    model reloads the same even if a later version changes the defaults that produced it."""
+    base = {"img_size": 64}
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **base).eval()
+    pruner = build_pruner({"name": name, "target_gmacs_ratio": 0.6})
+    pruner.attach(model)
+    spec = pruner.spec()
+    assert spec["target_gmacs_ratio"] is None, f"{name} exports its budget instead of the plan it solved: {spec}"
+    again = build_pruner(spec)
+    again.attach(timm.create_model("deit_tiny_patch16_224", pretrained=False, **base))
+    assert again.expected_tokens() == pruner.expected_tokens()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    save(model, tmp_path / "export", model_spec("deit_tiny_patch16_224", base), [pruner])
+    cls = PRUNERS.get(name)
+    real_plan = cls.plan
+    try:  # a "later version" whose planning ignores the config: only the pinned spec can reproduce the plan
+        cls.plan = lambda self, geometry: real_plan(self, geometry) if self.config.target_gmacs_ratio is None else 1 / 0
+        with torch.no_grad():
+            assert torch.equal(load(tmp_path / "export")(x), out)
+    finally:
+        cls.plan = real_plan
+
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_registered_model_builds_and_runs(name):
     from compress.models.build import build_from_spec

@@ -24,6 +24,17 @@ class TokenPruner(Pruner, tokens.TokenPolicy):
     def detach(self, model: nn.Module) -> None:
         tokens.remove_patch(model)
 
+    def pinned(self) -> Dict[str, Any]:
+        """Config values that reproduce the current plan whatever the defaults of a later version are
+        (a resolved budget, a default schedule); ``spec`` writes them into exports once attached."""
+        return {}
+
+    def spec(self) -> Dict[str, Any]:
+        spec = super().spec()
+        if getattr(self, "geometry", None) is not None:
+            spec.update(self.pinned())
+        return spec
+
     def expected_tokens(self) -> list:
         """Token counts entering each block under this plan (int or (n_attn, n_mlp))."""
         raise NotImplementedError

@@ -174,6 +174,9 @@ class GTP(TokenPruner):
             props = [cfg.num_prop if cfg.num_prop is not None else DEFAULT_NUM_PROP] * depth
         self.props = props
 
+    def pinned(self) -> dict:
+        return {"num_prop": list(self.props), "target_gmacs_ratio": None}
+
     def expected_tokens(self) -> list:
         return self._counts(self.geometry, self.props)
 

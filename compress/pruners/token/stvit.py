@@ -177,6 +177,9 @@ class STViT(TokenPruner):
                                  + (f"recover_at {cfg.recover_at}" if cfg.recover_at is not None else f"block {depth}"))
         self.stgm_block, self.side = b, side
 
+    def pinned(self) -> Dict[str, Any]:
+        return {"stgm_block": self.stgm_block, "num_semantic": self.num_semantic, "target_gmacs_ratio": None}
+
     def expected_tokens(self) -> list:
         """Query tokens entering each block (the STGM's first layer counts its full input)."""
         g, b, r = self.geometry, self.stgm_block, self.config.recover_at

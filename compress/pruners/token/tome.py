@@ -144,6 +144,9 @@ class ToMe(TokenPruner):
             rs = [cfg.r if cfg.r is not None else DEFAULT_R] * depth
         self.rs = rs
 
+    def pinned(self) -> dict:
+        return {"r": None, "r_schedule": list(self.rs), "target_gmacs_ratio": None}
+
     def expected_tokens(self) -> list:
         return self._counts(self.geometry, self.rs)
 

@@ -246,6 +246,10 @@ class ZeroTPrune(TokenPruner):
         else:
             self.iters = [30 if i < 3 else (1 if i >= depth - 3 else 8) for i in range(depth)]
 
+    def pinned(self) -> dict:
+        return {"schedule": [self.layers[b].model_dump() for b in sorted(self.layers)], "target_gmacs_ratio": None,
+                "wpr_iters": list(self.iters)}
+
     @staticmethod
     def _removals(m: int, layer: PruningLayer) -> Tuple[int, int]:
         r_s, r_i = round(layer.s_ratio * m), round(layer.i_ratio * m)
