@@ -3,9 +3,9 @@
     python tools/bench_zero_tprune.py [--assets ../shared/assets] [--limit 1000] [--views 5]
                                       [--variant paper={} --variant merge='{merge: true}']
 
-Every variant is ``zero_tprune`` at its default schedule plus the given parameters; the defaults are
-the paper's method (the S-stage prunes) and ``merge: true`` (what recipes/deit_t_zerotprune.yaml
-uses). Accuracy is on the 1000-image ImageNet sample, one image per class, so each image is 0.1 point;
+Every variant is ``zero_tprune`` at its default schedule plus the given parameters (``name`` picks
+another pruner); the defaults are the paper's method (the S-stage prunes), ``merge: true`` (what
+recipes/deit_t_zerotprune.yaml uses) and ToMe at the merge counts around the same GMACs. Accuracy is on the 1000-image ImageNet sample, one image per class, so each image is 0.1 point;
 the table adds paired statistics (agreement with dense, KL, flips, a bootstrap interval of the top-1
 change) and the same change over five more views of every image (``--views 5``: four corner crops and
 the mirrored centre crop), which measures it with less noise. Speed is dense vs every variant in one
@@ -33,7 +33,13 @@ from compress.recipe import ModelConfig
 from compress.report import table
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_VARIANTS = {"paper": {}, "merge": {"merge": True}}
+DEFAULT_VARIANTS = {"paper": {}, "merge": {"merge": True},
+                    # ToMe at the two merge counts around Zero-TPrune's GMACs, on the same images and views
+                    "tome r=10": {"name": "tome", "r": 10}, "tome r=11": {"name": "tome", "r": 11}}
+
+
+def spec_of(params: dict) -> dict:
+    return {"name": "zero_tprune", **params}
 
 
 def parse_variant(text: str):
@@ -64,7 +70,7 @@ def markdown(result, argv) -> str:
     cols += [("gmacs", "GMACs", ".4f"), ("ratio", "GMACs ratio", ".3f")]
     cols += [(f"ips{bs}", f"images/s @{bs}", ".1f") for bs in sizes] + [(f"s{bs}", f"speed-up @{bs}", ".2f") for bs in sizes]
     lines = [f"# Zero-TPrune on DeiT-Tiny ({d['images']} ImageNet val images, CPU {result['threads']} threads)", "",
-             "Variants (each `zero_tprune` at its default schedule plus these parameters): "
+             "Variants (`zero_tprune` at its default schedule plus these parameters, unless another `name` is given): "
              + ", ".join(f"{name} `{json.dumps(v['spec'])}`" for name, v in result["variants"].items()) + ".", "",
              table(rows, cols), ""]
     if result.get("views"):
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
     models = {"dense": dense}
     for name, params in variants.items():
         models[name] = deit()
-        build_pruner({"name": "zero_tprune", **params}).attach(models[name])
+        build_pruner(spec_of(params)).attach(models[name])
     center = bench_assets.imagenet_val(images, dense, args.limit)
     out = {name: bench_assets.logits(m, center) for name, m in models.items()}
     labels = center.tensors[1]
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
         result["views"] = {"n": len(views), "dense_top1": bench_assets.paired(out_views["dense"], out_views["dense"], views.tensors[1])["top1"]["dense"]}
     for name, params in variants.items():
         ips = {bs: prof[name]["speed"][bs]["images_per_s"] for bs in sizes}
-        v = {"spec": {"name": "zero_tprune", **params}, "center": bench_assets.paired(out["dense"], out[name], labels),
+        v = {"spec": spec_of(params), "center": bench_assets.paired(out["dense"], out[name], labels),
              "gmacs": prof[name]["gmacs"], "ips": ips, "speedup": {bs: ips[bs] / result["dense"]["ips"][bs] for bs in sizes}}
         if views is not None:
             v["views"] = bench_assets.paired(out_views["dense"], out_views[name], views.tensors[1], views=5)
