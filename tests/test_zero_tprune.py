@@ -17,7 +17,7 @@ from compress.pruners.token.zero_tprune import (
     similarity_victims,
     weighted_pagerank,
 )
-from vit_zoo import DIST, VIT, export_round_trip, images, make
+from vit_zoo import DIST, LS, VIT, export_round_trip, images, make
 
 
 def row_stochastic(*shape, seed=0):
@@ -195,7 +195,7 @@ def test_similarity_pairs_name_each_victims_most_similar_important_token():
     assert dict(zip(victims[0].tolist(), partners[0].tolist())) == {8: 1, 9: 2}
 
 
-@pytest.mark.parametrize("cfg", [VIT, DIST], ids=["vit", "distilled"])
+@pytest.mark.parametrize("cfg", [VIT, LS, DIST], ids=["vit", "layerscale", "distilled"])
 def test_merge_conserves_the_patch_mass_and_keeps_prefix_tokens(cfg):
     """With only the S-stage, every removed patch is merged into a kept one: sizes sum to the patch count."""
     model = make(cfg)
