@@ -14,7 +14,6 @@ from compress.pruners.token.zero_tprune import (
     initial_scores,
     merge_into,
     similarity_pairs,
-    similarity_victims,
     weighted_pagerank,
 )
 from vit_zoo import DIST, LS, VIT, export_round_trip, images, make
@@ -73,7 +72,7 @@ def test_similarity_stage_removes_duplicates_of_important_tokens():
     importance = torch.arange(10, 0, -1).float().unsqueeze(0)  # token 0 most important
     keys[0, 8] = keys[0, 1] * 3  # an unimportant near-copy of an important token
     keys[0, 9] = keys[0, 2] + 0.01
-    victims = similarity_victims(keys, importance, 2)
+    victims, _ = similarity_pairs(keys, importance, 2)
     assert sorted(victims[0].tolist()) == [8, 9]
 
 

@@ -89,14 +89,8 @@ def aggregate_heads(scores: torch.Tensor, band: Tuple[float, float]) -> torch.Te
     return ((keep.unsqueeze(-1) * rescaled.square()).sum(1) / keep.sum(1, keepdim=True)).sqrt()
 
 
-def similarity_victims(keys: torch.Tensor, importance: torch.Tensor, r: int) -> torch.Tensor:
-    """S-stage (Sequential-U): indices (B x r) of the r less-important tokens most similar to the
-    more-important half. ``keys`` is B x M x C, ``importance`` B x M."""
-    return similarity_pairs(keys, importance, r)[0]
-
-
 def similarity_pairs(keys: torch.Tensor, importance: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The S-stage's r (victim, partner) pairs, each B x r: a victim from the less important half and
+    """S-stage (Sequential-U): r (victim, partner) pairs, each B x r: a victim from the less important half and
     the token of the more important half it is most cosine-similar to."""
     B, M = importance.shape
     order = importance.argsort(dim=1, descending=True)
@@ -288,10 +282,10 @@ class ZeroTPrune(TokenPruner):
         if r_s + r_i == 0:
             return x
         band = tuple(self.config.head_band)
-        init = initial_scores((B, H), N, self.config.cls_init, attn.device, attn.dtype)
         remaining = torch.arange(m, device=x.device).unsqueeze(0).expand(B, m)
         if r_s:
             # I': a single voting pass only orders the tokens for the partition.
+            init = initial_scores((B, H), N, self.config.cls_init, attn.device, attn.dtype)
             pre = aggregate_heads(weighted_pagerank(attn, 1, init)[..., P:], band)
             keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float().contiguous()  # a strided view of qkv otherwise
             victims, partners = similarity_pairs(keys, pre, r_s)
