@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+import yaml
 
 DEFAULT = Path(os.environ.get("COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 DEIT_TINY = "deit_tiny/deit_tiny_patch16_224.pth"
@@ -46,6 +47,15 @@ def imagenet_val(images: Path, model, limit: Optional[int]) -> torch.utils.data.
     xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=100, num_workers=2))
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
 
+
+
+def labelled_spec(text: str) -> Tuple[str, dict]:
+    """``LABEL={yaml mapping}`` from the command line -> (label, mapping); a bare LABEL maps to {}."""
+    label, _, params = text.partition("=")
+    params = yaml.safe_load(params) if params else {}
+    if not isinstance(params, dict):
+        raise SystemExit(f"{text}: expected LABEL={{key: value, ...}}")
+    return label, params
 
 
 def five_views(images: Path, model, limit: Optional[int]) -> torch.utils.data.TensorDataset:

@@ -25,7 +25,6 @@ from pathlib import Path
 import compress  # noqa: F401  (torchvision guard first)
 import torch
 
-import yaml
 
 import bench_assets
 
@@ -132,11 +131,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
     args = p.parse_args(argv)
 
-    specs = dict(PRUNERS)
-    for item in args.pruner:
-        label, _, spec = item.partition("=")
-        specs[label] = yaml.safe_load(spec)
-    labels = args.pruners.split(",") + [item.partition("=")[0] for item in args.pruner if item.partition("=")[0] not in args.pruners.split(",")]
+    extra = dict(bench_assets.labelled_spec(item) for item in args.pruner)
+    specs = {**PRUNERS, **extra}
+    labels = args.pruners.split(",")
+    labels += [label for label in extra if label not in labels]
     unknown = [label for label in labels if label not in specs]
     if unknown:
         p.error(f"unknown pruner label(s) {unknown}; built in: {sorted(PRUNERS)}")

@@ -5,10 +5,11 @@
 
 Every variant is ``zero_tprune`` at its default schedule plus the given parameters (``name`` picks
 another pruner); the defaults are the paper's method (the S-stage prunes), ``merge: true`` (what
-recipes/deit_t_zerotprune.yaml uses) and ToMe at the merge counts around the same GMACs. Accuracy is on the 1000-image ImageNet sample, one image per class, so each image is 0.1 point;
-the table adds paired statistics (agreement with dense, KL, flips, a bootstrap interval of the top-1
-change) and the same change over five more views of every image (``--views 5``: four corner crops and
-the mirrored centre crop), which measures it with less noise. Speed is dense vs every variant in one
+recipes/deit_t_zerotprune.yaml uses) and ToMe at the merge counts around the same GMACs. Accuracy is
+on the 1000-image ImageNet sample, one image per class, so each image is 0.1 point; the table adds
+paired statistics (agreement with dense, KL, flips, a bootstrap interval of the top-1 change) and the
+same change over five more views of every image (``--views 5``: four corner crops and the mirrored
+centre crop), which measures it with less noise. Speed is dense vs every variant in one
 process, interleaved, median of repeats. Writes tools/results/zero_tprune_deit_tiny.{json,md}.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import compress  # noqa: F401  (torchvision guard first)
 import torch
-import yaml
 
 import bench_assets
 
@@ -40,14 +40,6 @@ DEFAULT_VARIANTS = {"paper": {}, "merge": {"merge": True},
 
 def spec_of(params: dict) -> dict:
     return {"name": "zero_tprune", **params}
-
-
-def parse_variant(text: str):
-    name, _, params = text.partition("=")
-    params = yaml.safe_load(params) if params else {}
-    if not isinstance(params, dict):
-        raise SystemExit(f"--variant {text}: expected NAME={{key: value, ...}}")
-    return name, params
 
 
 def markdown(result, argv) -> str:
@@ -104,7 +96,7 @@ def main(argv=None) -> int:
     weights, images = found
     t0 = time.perf_counter()
     threads = measure.pin_threads(int(os.environ.get("COMPRESS_THREADS", 2)))
-    variants = dict(parse_variant(v) for v in args.variant) or DEFAULT_VARIANTS
+    variants = dict(bench_assets.labelled_spec(v) for v in args.variant) or DEFAULT_VARIANTS
     sizes = [str(int(s)) for s in args.batch_sizes.split(",")]
 
     def deit():
