@@ -98,7 +98,11 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
             f"model.kwargs.num_classes: {recipe.model.name} has {num_classes} classes but data.kind "
             f"{recipe.data.kind!r} has {source.num_classes}"
         )
-    check_pruners(recipe, model)
+    for where, split in check_pruners(recipe, model):
+        try:
+            source.dataset(split, model, train=False)
+        except CompressError as e:
+            raise CompressError(f"{where}: calibration images: {e}") from None
     for i, stage in enumerate(recipe.stages):
         if stage.distill is not None and stage.distill.checkpoint is not None and not Path(stage.distill.checkpoint).is_file():
             raise CompressError(f"stages[{i}].distill.checkpoint: file not found: {stage.distill.checkpoint}")
@@ -110,22 +114,27 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)))
 
 
-def check_pruners(recipe: Recipe, model: nn.Module) -> None:
+def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
     """Attach every prune stage's pruner to a throw-away copy of the model, in order, so errors that
-    depend on the model (e.g. a schedule past its depth) fail now, not after the earlier stages trained."""
+    depend on the model (e.g. a schedule past its depth) fail now, not after the earlier stages trained.
+    Returns (where, split) for every pruner that will ask for calibration images."""
     from compress.pruners.base import build_pruner
 
     stages = [(i, s) for i, s in enumerate(recipe.stages) if s.pruner is not None]
     if not stages:
-        return
-    trial = copy.deepcopy(model)
+        return []
+    trial, wanted = copy.deepcopy(model), []
     for i, stage in stages:
         where = f"stages[{i}].pruner"
         try:
-            build_pruner(stage.pruner.model_dump(), where=where).attach(trial)
+            pruner = build_pruner(stage.pruner.model_dump(), where=where)
+            pruner.attach(trial)
         except (CompressError, ValueError) as e:
             msg = str(e)
             raise CompressError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        if pruner.calibration() is not None:
+            wanted.append((where, pruner.calibration()[0]))
+    return wanted
 
 
 def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
@@ -223,6 +232,8 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
             pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
             pruner._stage = i
             pruner.attach(ctx.model)
+            if pruner.calibration() is not None:
+                calibrate(ctx, pruner, f"stages[{i}].pruner")
             ctx.pruners.append(pruner)
             _log(f"stage {i} ({stage.kind}): attached {pruner!r}")
     if stage.trains:
@@ -240,6 +251,26 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
         ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model)
     _save_stage(ctx, i, stage_dir)
+
+
+def calibrate(ctx: RunContext, pruner, where: str) -> None:
+    """Hand ``pruner`` the unlabelled images it asked for (a seeded random subset of the split, eval
+    transform, on the evaluation device) and let it tune its plan."""
+    split, n, seed = pruner.calibration()
+    try:
+        ds = ctx.source.dataset(split, ctx.model, train=False)
+    except CompressError as e:
+        raise CompressError(f"{where}: calibration images: {e}") from None
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    dev = torch.device(_device(ctx.recipe))
+    loader = make_loader(ctx.recipe, torch.utils.data.Subset(ds, pick), train=False)
+    batches = [x.to(dev) for x, _ in loader]
+    t0 = time.perf_counter()
+    ctx.model.eval().to(dev)
+    found = pruner.calibrate(ctx.model, batches) or {}
+    ctx.metrics.setdefault("calibration", {})[where] = {"images": len(pick), "split": split, **found}
+    _log(f"{where}: calibrated on {len(pick)} {split} images in {time.perf_counter() - t0:.0f} s"
+         + (f": {_fmt(found)}" if found else ""))
 
 
 def _fmt(metrics: Dict[str, Any]) -> str:

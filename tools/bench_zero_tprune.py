@@ -9,8 +9,10 @@ recipes/deit_t_zerotprune.yaml uses) and ToMe at the merge counts around the sam
 on the 1000-image ImageNet sample, one image per class, so each image is 0.1 point; the table adds
 paired statistics (agreement with dense, KL, flips, a bootstrap interval of the top-1 change) and the
 same change over five more views of every image (``--views 5``: four corner crops and the mirrored
-centre crop), which measures it with less noise. Speed is dense vs every variant in one
-process, interleaved, median of repeats. Writes tools/results/zero_tprune_deit_tiny.{json,md}.
+centre crop), which measures it with less noise. A variant with ``search`` is cross-fitted: each half
+of the images is scored by a schedule searched on views of the other half, so no image is scored
+by a schedule tuned on it (speed and GMACs: the first half's schedule). Speed is dense vs every
+variant in one process, interleaved, median of repeats. Writes tools/results/zero_tprune_deit_tiny.{json,md}.
 """
 from __future__ import annotations
 
@@ -34,12 +36,44 @@ from compress.report import table
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VARIANTS = {"paper": {}, "merge": {"merge": True},
+                    # the schedule searched on 256 unlabelled views of the other half of the images
+                    "merge + search": {"merge": True, "search": {"trials": 48, "images": 256}},
                     # ToMe at the two merge counts around Zero-TPrune's GMACs, on the same images and views
                     "tome r=10": {"name": "tome", "r": 10}, "tome r=11": {"name": "tome", "r": 11}}
 
 
 def spec_of(params: dict) -> dict:
     return {"name": "zero_tprune", **params}
+
+
+def cross_fitted(spec: dict, deit, center, views, seed: int = 0):
+    """A ``search`` variant scored on images its schedule was not searched on: fold f (image index
+    mod 2) is scored by a model calibrated on images of the other fold (their five views when scored,
+    else the centre crops). Returns (fold-0 model, centre logits, view logits, per-fold findings)."""
+    n = len(center)
+    image_of = torch.arange(len(views)) // 5 if views is not None else None
+    calib_pool = views.tensors[0] if views is not None else center.tensors[0]
+    pool_image = image_of if views is not None else torch.arange(n)
+    out_c, out_v, folds, first = None, None, [], None
+    for fold in (0, 1):
+        m = deit()
+        pruner = build_pruner(spec)
+        pruner.attach(m)
+        rows = (pool_image % 2 != fold).nonzero()[:, 0]
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:pruner.config.search.images]]
+        found = pruner.calibrate(m, list(calib_pool[rows].split(64)))
+        folds.append({**found, "schedule": pruner.spec()["schedule"]})
+        mine = torch.arange(n) % 2 == fold
+        c = bench_assets.logits(m, torch.utils.data.TensorDataset(*(t[mine] for t in center.tensors)))
+        out_c = torch.empty(n, c.shape[1]) if out_c is None else out_c
+        out_c[mine] = c
+        if views is not None:
+            mine_v = image_of % 2 == fold
+            v = bench_assets.logits(m, torch.utils.data.TensorDataset(*(t[mine_v] for t in views.tensors)))
+            out_v = torch.empty(len(views), v.shape[1]) if out_v is None else out_v
+            out_v[mine_v] = v
+        first = m if first is None else first
+    return first, out_c, out_v, folds
 
 
 def markdown(result, argv) -> str:
@@ -69,6 +103,12 @@ def markdown(result, argv) -> str:
         vd = result["views"]["dense_top1"]
         lines += [f"Over the {result['views']['n']} extra views (four corner crops and the mirrored centre crop of every image) "
                   f"dense scores {vd:.2f} %; the Δ column there is paired over all of them.", ""]
+    for name, v in result["variants"].items():
+        for f, fold in enumerate(v.get("folds", [])):
+            layers = ", ".join(f"{layer['block']}: {layer['s_ratio']:.2f}/{layer['i_ratio']:.2f}" for layer in fold["schedule"])
+            lines.append(f"- {name}, fold {f} (scored on images {f} mod 2, searched on the others): KL on its calibration images "
+                         f"{fold['default_kl']:.4f} (default schedule) -> {fold['kl']:.4f} ({fold['trials']} schedules), "
+                         f"analytic MACs ratio {fold['macs_ratio']:.3f}; block: S/I fraction {layers}")
     for name, v in result["variants"].items():
         s = v["speedup"][sizes[0]]
         ratio = v["gmacs"] / d["gmacs"]
@@ -103,17 +143,21 @@ def main(argv=None) -> int:
         return build_model(ModelConfig(name="deit_tiny_patch16_224", checkpoint=weights)).eval()
 
     dense = deit()
-    models = {"dense": dense}
+    center = bench_assets.imagenet_val(images, dense, args.limit)
+    views = bench_assets.five_views(images, dense, args.limit) if args.views else None
+    models, out, out_views, searched = {"dense": dense}, {}, {}, {}
     for name, params in variants.items():
+        if "search" in spec_of(params):
+            models[name], out[name], out_views[name], searched[name] = cross_fitted(spec_of(params), deit, center, views)
+            continue
         models[name] = deit()
         build_pruner(spec_of(params)).attach(models[name])
-    center = bench_assets.imagenet_val(images, dense, args.limit)
-    out = {name: bench_assets.logits(m, center) for name, m in models.items()}
+    for name, m in models.items():
+        if name not in out:
+            out[name] = bench_assets.logits(m, center)
+            if views is not None:
+                out_views[name] = bench_assets.logits(m, views)
     labels = center.tensors[1]
-    views = None
-    if args.views:
-        views = bench_assets.five_views(images, dense, args.limit)
-        out_views = {name: bench_assets.logits(m, views) for name, m in models.items()}
     prof = measure.profile(models, tuple(center[0][0].shape), [int(s) for s in sizes], repeats=args.repeats)
 
     top = bench_assets.paired(out["dense"], out["dense"], labels)
@@ -129,6 +173,8 @@ def main(argv=None) -> int:
              "gmacs": prof[name]["gmacs"], "ips": ips, "speedup": {bs: ips[bs] / result["dense"]["ips"][bs] for bs in sizes}}
         if views is not None:
             v["views"] = bench_assets.paired(out_views["dense"], out_views[name], views.tensors[1], views=5)
+        if name in searched:
+            v["folds"] = searched[name]
         result["variants"][name] = v
     result["seconds"] = time.perf_counter() - t0
     md = markdown(result, argv)

@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -34,6 +34,18 @@ class Pruner:
 
     def detach(self, model: nn.Module) -> None:
         raise NotImplementedError
+
+    def calibration(self) -> Optional[Tuple[str, int, int]]:
+        """(split, number of images, seed) the pruner wants to see once before it runs, or None.
+
+        A zero-shot pruner that tunes its plan on unlabelled images (a schedule search) asks here; the
+        stage runner then calls ``calibrate`` with that many eval-transformed images of the split."""
+        return None
+
+    def calibrate(self, model: nn.Module, batches: List[Any]) -> Optional[Dict[str, Any]]:
+        """Tune the plan on ``batches`` of images (on the model's device) with ``model`` attached; may
+        return figures worth logging. See ``calibration``."""
+        return None
 
     def callbacks(self) -> List[Any]:
         """Lightning callbacks through which the pruner acts during training (default: none)."""

@@ -11,9 +11,12 @@ mean 1 over the patch tokens (the paper does not state the scale).
 """
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Tuple, Union
+import math
+import random
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress import tokens
@@ -149,6 +152,17 @@ class PruningLayer(PrunerConfig):
 # there are fewer pruning layers and none in the first three blocks, where WPR needs 30 iterations.
 DEFAULT_GMACS_RATIO = 0.655  # analytic (blocks only); measured on DeiT-S: about 0.665
 MAX_REMOVAL = 0.3  # a larger budget spreads over more pruning layers (see ZeroTPrune.solve_schedule)
+SEARCH_CAP = 0.9  # the most of the patch tokens one searched pruning layer may remove
+
+
+class ScheduleSearch(PrunerConfig):
+    """Monte Carlo search of the pruning layers at the budget, as the paper tuned its schedule: random
+    schedules scored by the KL divergence of the pruned from the dense outputs on unlabelled images."""
+
+    trials: int = Field(48, ge=1, description="schedules scored, the default one first; the second half perturbs the best so far")
+    images: int = Field(256, ge=1, description="calibration images, a seeded random subset of the split")
+    split: str = Field("train", description="data split the calibration images come from (labels unused)")
+    seed: int = 0
 
 
 class ZeroTPruneConfig(PrunerConfig):
@@ -169,10 +183,16 @@ class ZeroTPruneConfig(PrunerConfig):
         "attention counts every token by its size, as ToMe does; the paper prunes (false)"
     )
 
+    search: Optional[ScheduleSearch] = Field(
+        None, description="tune the schedule on calibration images instead of spreading the budget evenly (not with schedule)"
+    )
+
     @model_validator(mode="after")
     def _exclusive(self):
         if self.schedule is not None and self.target_gmacs_ratio is not None:
             raise ValueError("give either schedule or target_gmacs_ratio, not both")
+        if self.schedule is not None and self.search is not None:
+            raise ValueError("give either schedule or search, not both")
         if self.head_band[0] > self.head_band[1]:
             raise ValueError("head_band must be [v_min, v_max] with v_min <= v_max")
         return self
@@ -242,7 +262,77 @@ class ZeroTPrune(TokenPruner):
 
     def pinned(self) -> dict:
         return {"schedule": [self.layers[b].model_dump() for b in sorted(self.layers)], "target_gmacs_ratio": None,
-                "wpr_iters": list(self.iters)}
+                "wpr_iters": list(self.iters), "search": None}
+
+    # -- schedule search ----------------------------------------------------------------------
+    def calibration(self):
+        s = self.config.search
+        return None if s is None else (s.split, s.images, s.seed)
+
+    def scaled_schedule(self, weights: Dict[int, float], share: float, target: float) -> Optional[List[PruningLayer]]:
+        """Pruning layers after the blocks of ``weights``, block b removing scale * weights[b] of the
+        patch tokens (at most SEARCH_CAP), scale solved for ``target``; None where the cap stops it."""
+        blocks = sorted(weights)
+
+        def layers(scale: float) -> List[PruningLayer]:
+            fracs = [min(SEARCH_CAP, scale * weights[b]) for b in blocks]
+            return [PruningLayer(block=b, s_ratio=f * share, i_ratio=f * (1 - share)) for b, f in zip(blocks, fracs)]
+
+        def ratio(scale: float) -> float:
+            return tokens.schedule_macs_ratio(self.geometry, self._counts(self.geometry, layers(scale)))
+
+        scale = tokens.solve_monotone(lambda v: -ratio(v), -target, 0.0, SEARCH_CAP / min(weights.values()), iters=30)
+        return layers(scale) if ratio(scale) <= target + 0.005 else None
+
+    def _propose(self, rng: random.Random, best: Optional[tuple]) -> tuple:
+        """(weights, share): a random schedule shape, or a perturbation of ``best``."""
+        allowed = list(range(1 if self.geometry["depth"] > 2 else 0, self.geometry["depth"] - 1))
+        if best is None:
+            blocks = rng.sample(allowed, rng.randint(1, len(allowed)))
+            return {b: rng.uniform(0.1, 1.1) for b in blocks}, rng.choice((0.5, 0.75, 1.0))
+        weights, share = {b: w * math.exp(rng.gauss(0, 0.4)) for b, w in best[0].items()}, best[1]
+        unused = [b for b in allowed if b not in weights]
+        move = rng.random()
+        if move < 0.2 and unused:
+            weights[rng.choice(unused)] = rng.uniform(0.1, 1.1)
+        elif move < 0.4 and len(weights) > 1:
+            del weights[rng.choice(sorted(weights))]
+        elif move < 0.5:
+            share = rng.choice((0.5, 0.75, 1.0))
+        return weights, share
+
+    @torch.no_grad()
+    def calibrate(self, model, batches) -> dict:
+        """Search the schedule (``config.search``) at the budget on ``batches``: keep the one whose
+        outputs are closest to the dense model's (mean KL). The default schedule is the first trial,
+        so the search never ends further from dense on these images than the default."""
+        cfg = self.config.search
+        target = self.config.target_gmacs_ratio or DEFAULT_GMACS_RATIO
+        rng = random.Random(cfg.seed)
+        default = sorted(self.layers.values(), key=lambda layer: layer.block)
+        self.layers = {}  # nothing pruned: the patched model gives the dense outputs
+        dense = [F.log_softmax(model(b).float(), -1) for b in batches]
+        n = sum(len(b) for b in batches)
+
+        def kl(layers: List[PruningLayer]) -> float:
+            self.layers = {layer.block: layer for layer in layers}
+            total = sum(F.kl_div(F.log_softmax(model(b).float(), -1), d, log_target=True, reduction="sum").item()
+                        for b, d in zip(batches, dense))
+            return total / n
+
+        shape = ({layer.block: 1.0 for layer in default}, self.config.similarity_share)
+        best, best_kl = (shape, default), kl(default)
+        default_kl, scored = best_kl, 1
+        for trial in range(1, cfg.trials):
+            weights, share = self._propose(rng, best[0] if trial >= cfg.trials // 2 else None)
+            layers = self.scaled_schedule(weights, share, target)
+            if layers is None:
+                continue
+            score, scored = kl(layers), scored + 1
+            if score < best_kl:
+                best, best_kl = ((weights, share), layers), score
+        self.layers = {layer.block: layer for layer in best[1]}
+        return {"default_kl": default_kl, "kl": best_kl, "trials": scored, "macs_ratio": self.expected_macs_ratio()}
 
     @staticmethod
     def _removals(m: int, layer: PruningLayer) -> Tuple[int, int]:
