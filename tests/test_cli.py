@@ -60,6 +60,16 @@ def test_data_root_without_split_folder(capsys, tmp_path):
                     "data.root", "train/")
 
 
+def test_schedule_search_without_its_calibration_split(capsys, tmp_path):
+    root = tmp_path / "imagenet"
+    (root / "val").mkdir(parents=True)
+    check_fit_error(capsys, tmp_path, ["--recipe", str(QUICKSTART), "--set", "data.kind=imagenet",
+                                       "--set", "data.params={}", "--set", f"data.root={root}",
+                                       "--set", "model.kwargs.num_classes=1000",
+                                       "--set", "stages=[{kind: prune, pruner: {name: zero_tprune, search: {split: train}}}]"],
+                    "stages[0].pruner: calibration images", "train/")
+
+
 def test_missing_checkpoint_file(capsys, tmp_path):
     missing = tmp_path / "nope.pth"
     check_fit_error(capsys, tmp_path, ["--recipe", str(QUICKSTART), "--set", f"model.checkpoint={missing}"],

@@ -236,3 +236,21 @@ def test_model_dependent_pruner_error_fails_before_training(tmp_path, capsys):
     assert line.startswith("compress fit: error: stages[1].pruner") and "block 3" in line, line
     assert "training" not in captured.out
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_schedule_search_runs_in_the_prune_stage_and_its_result_is_exported(tmp_path):
+    search = "{trials: 4, images: 16, split: val, seed: 3}"
+    metrics = fit(QUICKSTART, ["data.params.num_train=32", "data.params.num_val=32", f"model.kwargs.depth={DEPTH}",
+                               "evaluate.batch_size=4",
+                               f"stages=[{{kind: prune, pruner: {{name: zero_tprune, merge: true, target_gmacs_ratio: 0.7, search: {search}}}}}]"],
+                  out=tmp_path)
+    found = metrics["calibration"]["stages[0].pruner"]
+    assert found["images"] == 16 and found["split"] == "val" and found["kl"] <= found["default_kl"]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (entry,) = json.loads((run_dir / "export" / "compress.json").read_text())["pruners"]
+    spec = entry["spec"]
+    assert spec["search"] is None and spec["schedule"]  # reloads without searching again
+    loaded = compress.load(run_dir / "export")
+    x, _ = val_images(4)
+    with torch.no_grad():
+        assert loaded(x).shape == (4, 6)

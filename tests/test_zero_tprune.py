@@ -143,6 +143,8 @@ def test_zero_budget_is_dense(tiny_vit):
     ({"target_gmacs_ratio": 1.5}, "target_gmacs_ratio"),
     ({"head_band": [0.7, 0.1]}, "head_band"),
     ({"iters": 3}, "unknown key"),
+    ({"schedule": [{"block": 0}], "search": {}}, "either schedule or search"),
+    ({"search": {"trails": 3}}, "search.trails: unknown key"),
 ])
 def test_bad_config_is_a_clear_error(bad, where):
     with pytest.raises(compress.CompressError, match=re.escape(where)):
@@ -249,3 +251,42 @@ def test_merge_trains_and_exports(tmp_path):
     assert all(p.grad is not None for p in model.blocks[0].parameters())  # gradients flow through the merge
     model.eval()
     export_round_trip(model, pruner, VIT, images(seed=3), tmp_path / "export")
+
+
+def kl_to(dense: torch.Tensor, out: torch.Tensor) -> float:
+    return torch.nn.functional.kl_div(out.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="batchmean").item()
+
+
+SEARCH = {"name": "zero_tprune", "merge": True, "target_gmacs_ratio": 0.7, "search": {"trials": 8, "images": 8}}
+
+
+def searched(seed=0):
+    model = make(VIT)
+    pruner = build_pruner({**SEARCH, "search": {**SEARCH["search"], "seed": seed}})
+    pruner.attach(model)
+    return model, pruner, pruner.calibrate(model, [images(8, seed=5)])
+
+
+def test_search_keeps_the_budget_and_reports_what_it_measured(tmp_path):
+    model, pruner, found = searched()
+    x = images(8, seed=5)
+    with torch.no_grad():
+        dense = make(VIT)(x)
+
+        def kl_of(spec):  # measured again on fresh models from the specs, not with the search's model
+            fresh = make(VIT)
+            build_pruner(spec).attach(fresh)
+            return kl_to(dense, fresh(x))
+
+        default_kl = kl_of({k: v for k, v in SEARCH.items() if k != "search"})
+        assert found["default_kl"] == pytest.approx(default_kl, rel=1e-4)
+        assert found["kl"] == pytest.approx(kl_of(pruner.spec()), rel=1e-4)
+    assert found["kl"] <= found["default_kl"] and found["trials"] >= 2
+    assert 0.66 <= found["macs_ratio"] <= 0.705 and found["macs_ratio"] == pruner.expected_macs_ratio()
+    spec = pruner.spec()
+    assert spec["search"] is None and spec["target_gmacs_ratio"] is None and spec["schedule"]  # the export pins the result
+    export_round_trip(model, pruner, VIT, images(seed=3), tmp_path / "export")
+
+
+def test_search_is_reproducible_from_its_seed():
+    assert searched(seed=1)[1].spec() == searched(seed=1)[1].spec()

@@ -36,8 +36,8 @@ from compress.report import table
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VARIANTS = {"paper": {}, "merge": {"merge": True},
-                    # the schedule searched on 256 unlabelled views of the other half of the images
-                    "merge + search": {"merge": True, "search": {"trials": 48, "images": 256}},
+                    # the schedule searched on 1024 unlabelled views of the other half of the images
+                    "merge + search": {"merge": True, "search": {}},
                     # ToMe at the two merge counts around Zero-TPrune's GMACs, on the same images and views
                     "tome r=10": {"name": "tome", "r": 10}, "tome r=11": {"name": "tome", "r": 11}}
 
