@@ -290,3 +290,11 @@ def test_search_keeps_the_budget_and_reports_what_it_measured(tmp_path):
 
 def test_search_is_reproducible_from_its_seed():
     assert searched(seed=1)[1].spec() == searched(seed=1)[1].spec()
+
+
+def test_search_respects_max_layers():
+    model = make(LS)
+    pruner = build_pruner({**SEARCH, "search": {"trials": 12, "images": 4, "max_layers": 1}})
+    pruner.attach(model)
+    pruner.calibrate(model, [images(4, seed=6)])
+    assert len(pruner.spec()["schedule"]) == 1
