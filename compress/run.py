@@ -132,8 +132,9 @@ def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
         except (CompressError, ValueError) as e:
             msg = str(e)
             raise CompressError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-        if pruner.calibration() is not None:
-            wanted.append((where, pruner.calibration()[0]))
+        asked = pruner.calibration()
+        if asked is not None:
+            wanted.append((where, asked[0]))
     return wanted
 
 
@@ -257,10 +258,7 @@ def calibrate(ctx: RunContext, pruner, where: str) -> None:
     """Hand ``pruner`` the unlabelled images it asked for (a seeded random subset of the split, eval
     transform, on the evaluation device) and let it tune its plan."""
     split, n, seed = pruner.calibration()
-    try:
-        ds = ctx.source.dataset(split, ctx.model, train=False)
-    except CompressError as e:
-        raise CompressError(f"{where}: calibration images: {e}") from None
+    ds = ctx.source.dataset(split, ctx.model, train=False)  # prepare() checked the split exists
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     dev = torch.device(_device(ctx.recipe))
     loader = make_loader(ctx.recipe, torch.utils.data.Subset(ds, pick), train=False)

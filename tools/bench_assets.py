@@ -48,7 +48,6 @@ def imagenet_val(images: Path, model, limit: Optional[int]) -> torch.utils.data.
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
-
 def labelled_spec(text: str) -> Tuple[str, dict]:
     """``LABEL={yaml mapping}`` from the command line -> (label, mapping); a bare LABEL maps to {}."""
     label, _, params = text.partition("=")

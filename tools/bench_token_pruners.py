@@ -25,7 +25,6 @@ from pathlib import Path
 import compress  # noqa: F401  (torchvision guard first)
 import torch
 
-
 import bench_assets
 
 from compress import measure

@@ -158,6 +158,12 @@ MAX_REMOVAL = 0.3  # a larger budget spreads over more pruning layers (see ZeroT
 SEARCH_CAP = 0.9  # the most of the patch tokens one searched pruning layer may remove
 
 
+def layers_removing(fractions: Dict[int, float], share: float) -> List[PruningLayer]:
+    """Pruning layers after the blocks of ``fractions``, each removing its fraction of the patch tokens,
+    ``share`` of it by the S-stage and the rest by the I-stage."""
+    return [PruningLayer(block=b, s_ratio=f * share, i_ratio=f * (1 - share)) for b, f in sorted(fractions.items())]
+
+
 class ScheduleSearch(PrunerConfig):
     """Monte Carlo search of the pruning layers at the budget, as the paper tuned its schedule: random
     schedules scored by the KL divergence of the pruned from the dense outputs on unlabelled images."""
@@ -218,6 +224,11 @@ class ZeroTPrune(TokenPruner):
         self.prop_attn = bool(self.config.merge)  # proportional attention needs the merged sizes
 
     # -- planning ---------------------------------------------------------------------------
+    @property
+    def budget(self) -> float:
+        """The GMACs ratio a schedule is solved or searched for."""
+        return self.config.target_gmacs_ratio or DEFAULT_GMACS_RATIO
+
     @staticmethod
     def candidate_blocks(depth: int) -> List[List[int]]:
         """Pruning-layer positions for a budget, fewest layers first: every other block from depth/4
@@ -235,7 +246,7 @@ class ZeroTPrune(TokenPruner):
         share = self.config.similarity_share
 
         def layers_for(blocks, removed: float) -> List[PruningLayer]:
-            return [PruningLayer(block=b, s_ratio=removed * share, i_ratio=removed * (1 - share)) for b in blocks]
+            return layers_removing(dict.fromkeys(blocks, removed), share)
 
         candidates = [c for c in self.candidate_blocks(geometry["depth"]) if c]
         if not candidates:
@@ -254,7 +265,7 @@ class ZeroTPrune(TokenPruner):
         if cfg.schedule is not None:
             layers = list(cfg.schedule)
         else:
-            layers = self.solve_schedule(geometry, cfg.target_gmacs_ratio or DEFAULT_GMACS_RATIO)
+            layers = self.solve_schedule(geometry, self.budget)
         for layer in layers:
             if layer.block >= depth - 1:
                 raise CompressError(f"zero_tprune.schedule: pruning after block {layer.block} of a {depth}-block model removes nothing useful")
@@ -280,11 +291,8 @@ class ZeroTPrune(TokenPruner):
     def scaled_schedule(self, weights: Dict[int, float], share: float, target: float) -> Optional[List[PruningLayer]]:
         """Pruning layers after the blocks of ``weights``, block b removing scale * weights[b] of the
         patch tokens (at most SEARCH_CAP), scale solved for ``target``; None where the cap stops it."""
-        blocks = sorted(weights)
-
         def layers(scale: float) -> List[PruningLayer]:
-            fracs = [min(SEARCH_CAP, scale * weights[b]) for b in blocks]
-            return [PruningLayer(block=b, s_ratio=f * share, i_ratio=f * (1 - share)) for b, f in zip(blocks, fracs)]
+            return layers_removing({b: min(SEARCH_CAP, scale * w) for b, w in weights.items()}, share)
 
         def ratio(scale: float) -> float:
             return tokens.schedule_macs_ratio(self.geometry, self._counts(self.geometry, layers(scale)))
@@ -294,7 +302,7 @@ class ZeroTPrune(TokenPruner):
 
     def _propose(self, rng: random.Random, best: Optional[tuple]) -> tuple:
         """(weights, share): a random schedule shape, or a perturbation of ``best``."""
-        allowed = list(range(1 if self.geometry["depth"] > 2 else 0, self.geometry["depth"] - 1))
+        allowed = self.candidate_blocks(self.geometry["depth"])[-1]  # every block a pruning layer may follow
         most = min(self.config.search.max_layers or len(allowed), len(allowed))
         if best is None:
             blocks = rng.sample(allowed, rng.randint(1, most))
@@ -316,7 +324,7 @@ class ZeroTPrune(TokenPruner):
         outputs are closest to the dense model's (mean KL). The default schedule is the first trial,
         so the search never ends further from dense on these images than the default."""
         cfg = self.config.search
-        target = self.config.target_gmacs_ratio or DEFAULT_GMACS_RATIO
+        target = self.budget
         rng = random.Random(cfg.seed)
         default = sorted(self.layers.values(), key=lambda layer: layer.block)
         self.layers = {}  # nothing pruned: the patched model gives the dense outputs
