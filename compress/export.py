@@ -34,17 +34,19 @@ def save(
     edits: Optional[List[Dict[str, Any]]] = None,
     recipe_yaml: Optional[str] = None,
     metrics: Optional[Dict[str, Any]] = None,
-    task: str = "classification",
+    task=None,
     input_size: Optional[Sequence[int]] = None,
 ) -> Path:
-    """Write an export folder atomically. ``pruners`` are attached pruner objects, in order."""
+    """Write an export folder atomically. ``pruners`` are attached pruner objects, in order; ``task`` is the
+    ``compress.tasks.base.Task`` the model was made for (default: classification, classes unrecorded)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     edits = edits if edits is not None else [{} for _ in pruners]
     manifest = {
         "format": FORMAT,
-        "task": task,
+        "task": task.name if task is not None else "classification",
+        "task_info": task.record() if task is not None else {},
         "model": base,
         "input_size": list(input_size) if input_size is not None else None,
         "pruners": [{"spec": p.spec(), "kind": p.kind, "edits": e} for p, e in zip(pruners, edits)],

@@ -41,6 +41,7 @@ class RunContext:
     model: nn.Module
     source: Any  # compress.data.base.DataSource
     input_size: tuple
+    task: Any = None  # compress.tasks.base.Task, from the dataset kind
     pruners: List[Any] = field(default_factory=list)
     dense: Optional[nn.Module] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
@@ -87,17 +88,14 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     import lightning.pytorch as pl
 
     from compress.models import build_model
+    from compress.tasks.base import Task
 
     _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     source = build_source(recipe)
+    task = Task.for_source(source)
     model = build_model(recipe.model)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and num_classes != source.num_classes:
-        raise CompressError(
-            f"model.kwargs.num_classes: {recipe.model.name} has {num_classes} classes but data.kind "
-            f"{recipe.data.kind!r} has {source.num_classes}"
-        )
+    task.check_model(model, f"model.kwargs.num_classes: {recipe.model.name} with data.kind {recipe.data.kind!r}")
     for where, split in check_pruners(recipe, model):
         try:
             source.dataset(split, model, train=False)
@@ -111,7 +109,7 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
         source.dataset("train", model, train=True)
     if recipe.evaluate.enabled:
         source.dataset(recipe.evaluate.split, model, train=False)
-    return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)))
+    return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)), task=task)
 
 
 def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
@@ -219,7 +217,6 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
     import lightning.pytorch as pl
 
     from compress.pruners.base import build_pruner
-    from compress.tasks.classification import ClassificationTask
 
     stage_dir = _stage_dir(ctx.run_dir, i, stage.kind)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +224,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         if ctx.dense is None:
             ctx.dense = copy.deepcopy(ctx.model).eval()
             if ctx.recipe.evaluate.enabled and is_global_zero():  # other DDP ranks would only repeat it
-                ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense)
+                ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense, "evaluate dense")
                 _log(f"dense: {_fmt(ctx.metrics['dense'])}")
         if not any(p._stage == i for p in ctx.pruners):
             pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
@@ -239,7 +236,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
             _log(f"stage {i} ({stage.kind}): attached {pruner!r}")
     if stage.trains:
         teacher = _teacher(ctx, stage) if stage.kind == "distill" else None
-        task = ClassificationTask(ctx.model, ctx.source.num_classes, stage, teacher=teacher)
+        module = ctx.task.module(ctx.model, stage, teacher=teacher)
         callbacks = [cb for p in ctx.pruners for cb in p.callbacks()]
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
         kwargs["callbacks"] = kwargs["callbacks"] + callbacks
@@ -247,10 +244,10 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
         _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
         ctx.model.train()
-        trainer.fit(task, train_dataloaders=train, ckpt_path=ckpt_path)
+        trainer.fit(module, train_dataloaders=train, ckpt_path=ckpt_path)
     ctx.model.eval()
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
-        ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model)
+        ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model, f"evaluate after stage {i}")
     _save_stage(ctx, i, stage_dir)
 
 
@@ -282,11 +279,9 @@ def _device(recipe: Recipe) -> str:
     return "cpu"
 
 
-def evaluate_model(ctx: RunContext, model: nn.Module) -> Dict[str, Any]:
-    from compress.tasks.classification import evaluate
-
+def evaluate_model(ctx: RunContext, model: nn.Module, label: str = "evaluate") -> Dict[str, Any]:
     ds = ctx.source.dataset(ctx.recipe.evaluate.split, model, train=False)
-    return evaluate(model, make_loader(ctx.recipe, ds, train=False), ctx.source.num_classes, _device(ctx.recipe))
+    return ctx.task.evaluate(model, make_loader(ctx.recipe, ds, train=False), _device(ctx.recipe), label)
 
 
 def new_run_dir(recipe: Recipe, out: Optional[Path]) -> Path:
