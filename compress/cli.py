@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--limit", type=_positive)
     e.add_argument("--batch-size", type=_positive, default=64)
-    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--workers", default="auto", help="data loader processes (default: what the machine's CPUs allow, <= 8)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", type=Path, help="also write the results here")
 
@@ -137,18 +137,34 @@ COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_
             "pruners": cmd_pruners, "recipes": cmd_recipes}
 
 
+def _os_error(e: OSError) -> str:
+    """A file-system failure (no space, read-only, not a folder, ...) as one line naming the file."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"cannot write or read {where}{e.strerror or e}" if e.filename else f"{e.strerror or e}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from compress.interrupts import Interrupted
+
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("COMPRESS_DEBUG")
     try:
         return COMMANDS[args.command](args)
     except CompressError as e:
-        if args.debug or os.environ.get("COMPRESS_DEBUG"):
+        if debug:
             raise
         print(f"compress {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # disk full, read-only folder, a file where a folder should be: nothing half-written is left
+        if debug:
+            raise
+        print(f"compress {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted(2)
+        resume = f"; resume with: compress fit --resume {stop.run_dir}" if getattr(stop, "run_dir", None) else ""
+        print(f"compress {args.command}: interrupted by {stop.signal_name}{resume}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

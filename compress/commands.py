@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from compress import files
 from compress.errors import CompressError
 from compress.report import compare, table
 
@@ -39,7 +40,9 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
     task = Task.for_source(source)
     task.check_model(model, f"--data: {checkpoint} on {kind}")
     ds = source.dataset(split, model, train=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+    from compress.run import data_workers
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=data_workers(workers))
     results = task.evaluate(model, loader, device)
     size = _input_size(model, manifest)
     results.update(gmacs=measure.count_gmacs(model, task.example(size, 1, device)), params=measure.count_params(model))
@@ -145,27 +148,24 @@ def export_run(run_dir: Path, out: Path) -> Path:
     """Copy a run's export; if it has none, rebuild it from the last completed stage."""
     import json
 
-    import yaml
-
     from compress.export import read_manifest
     from compress.models import build_model
-    from compress.recipe import recipe_from_dict
     from compress.report import export_context
-    from compress.run import RunContext, _restore, build_source
+    from compress.run import RunContext, _restore, _resume_recipe, build_source, check_writable_dir
     from compress.tasks.base import Task
 
-    if not (run_dir / "recipe.yaml").is_file():
-        raise CompressError(f"--run: {run_dir} is not a run directory (no recipe.yaml)")
+    recipe = _resume_recipe(run_dir, "--run")
     if out.exists():
         raise CompressError(f"--out: {out} already exists")
     existing = run_dir / "export"
     if existing.is_dir():
         read_manifest(existing)
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.copytree(existing, tmp)
-        tmp.rename(out)
+        check_writable_dir(out.parent, "--out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with files.atomic_dir(out) as tmp:
+            for f in existing.iterdir():
+                shutil.copy2(f, tmp / f.name)
         return out
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
     recipe.model.pretrained, recipe.model.checkpoint = False, None
     model = build_model(recipe.model)
     source = build_source(recipe)

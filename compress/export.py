@@ -3,23 +3,23 @@
 ``load`` rebuilds the base architecture (timm or a registered builder), replays the pruners'
 structural edits, re-attaches token pruners from their spec and loads the weights strictly. It uses
 no Lightning, no DeepSpeed and never unpickles: weights are safetensors, everything else JSON.
-Exports are written to a temporary folder and renamed into place, so a failure leaves nothing.
+Exports are written to a temporary folder and renamed into place, so a failure leaves nothing, and
+only ever replace an earlier export, never a folder of the user's.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from compress import files
 from compress.errors import CompressError
 
 FORMAT = "compress-export/1"
+EXPORT_FILES = {"model.safetensors", "compress.json", "recipe.yaml"}
 
 
 def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -52,23 +52,30 @@ def save(
         "pruners": [{"spec": p.spec(), "kind": p.kind, "edits": e} for p, e in zip(pruners, edits)],
         "metrics": metrics or {},
     }
+    check_export_target(out, "export")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        state = _plain_state_dict(model)
-        for p, e in zip(pruners, edits):
-            state = type(p).pack_state(state, e)
+    state = _plain_state_dict(model)
+    for p, e in zip(pruners, edits):
+        state = type(p).pack_state(state, e)
+    with files.atomic_dir(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "compress.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if recipe_yaml is not None:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def check_export_target(out: Path, where: str) -> None:
+    """An export may go to a new path, an empty folder, or over an earlier compress export; anything else
+    (a file, a folder of the user's own files) is refused: compress never deletes what it did not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CompressError(f"{where}: {out} is a file, not a folder")
+    entries = {p.name for p in out.iterdir()}
+    if entries and not (entries <= EXPORT_FILES and "compress.json" in entries):
+        raise CompressError(f"{where}: {out} is a folder that holds other files and is not a compress export; "
+                            "choose a new or empty folder")
 
 
 def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:

@@ -32,7 +32,8 @@ class DataConfig(Strict):
     root: Optional[Path] = None
     batch_size: int = Field(64, gt=0)
     eval_batch_size: Optional[int] = Field(None, gt=0)
-    num_workers: int = Field(4, ge=0)
+    num_workers: Union[int, Literal["auto"]] = Field(
+        "auto", description="data loader processes; 'auto': as many as this machine's CPUs allow, at most 8")
     limit: Optional[int] = Field(None, gt=0, description="use at most this many images per split")
     params: Dict[str, Any] = Field(default_factory=dict, description="dataset-specific options")
 
@@ -106,6 +107,8 @@ class TrainerConfig(Strict):
     gradient_clip_val: Optional[float] = Field(None, gt=0)
     accumulate_grad_batches: int = Field(1, gt=0)
     enable_progress_bar: Optional[bool] = Field(None, description="default: only on an interactive terminal")
+    checkpoint_every_n_steps: int = Field(200, gt=0, description="optimizer steps between the mid-stage checkpoints "
+                                          "(last.ckpt) that --resume continues from")
     deterministic: bool = False
 
 
@@ -277,6 +280,10 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
     except CompressError as e:
         raise CompressError(f"{source}: {e}") from None
     return recipe
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    return yaml.safe_load(Path(path).read_text())
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Recipe:

@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 import torch.nn as nn
 
-from compress import measure
+from compress import files, measure
 
 
 def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), device: str = "cpu",
@@ -114,7 +114,7 @@ def finish(ctx) -> Dict[str, Any]:
 
     if has_weight_pruner(ctx.pruners):  # unstructured zeros: report nonzero params and the real file size
         metrics["storage"] = storage_report(ctx.dense if ctx.dense is not None else model, model, metrics.get("export"))
-    (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    files.write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     print()
     print(f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}")
     print(summary_table(metrics, ctx.task.columns))

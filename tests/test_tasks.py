@@ -18,7 +18,7 @@ from compress.registry import TASKS, register_dataset, register_task
 from compress.tasks.base import Task
 from compress.tasks.module import StageModule
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, only_run
 
 
 class BrightnessModule(StageModule):
@@ -73,8 +73,7 @@ OVERRIDES = ["data.kind=toy_brightness", "data.params={}", "data.batch_size=16",
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     assert main(["fit", "--recipe", str(QUICKSTART), "--out", str(out), *[a for o in OVERRIDES for a in ("--set", o)]]) == 0
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    return run_dir
+    return only_run(out)
 
 
 def test_registered_tasks_declare_their_report():

@@ -31,6 +31,7 @@ class StageModule(pl.LightningModule):
         self.model = model
         self.stage = stage
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self.pruners: list = []  # the run's attached pruners; their state rides in mid-stage checkpoints
 
     @property
     def teacher(self) -> Optional[nn.Module]:
@@ -42,6 +43,15 @@ class StageModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["compress_pruners"] = [p.state_dict() for p in self.pruners]
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Runs before Lightning loads the weights: a structured pruner that had already shrunk the model
+        when the checkpoint was written shrinks it again, so the weights fit (resume mid-stage)."""
+        for pruner, state in zip(self.pruners, checkpoint.get("compress_pruners", [])):
+            pruner.load_state_dict(state)
 
     def configure_optimizers(self):
         cfg, sched = self.stage.optimizer, self.stage.schedule
