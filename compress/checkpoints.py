@@ -36,9 +36,12 @@ def read_checkpoint(path: Path, map_location=None) -> Dict[str, Any]:
     """A Lightning checkpoint as plain tensors and values; a damaged or pickled-object file is named."""
     try:
         obj = torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CompressError(f"--resume: {path} holds Python objects, not weights (refused: loading it could run code); "
-                            "delete it to restart that stage from its beginning") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # a well-formed pickle of objects torch will not build
+            raise CompressError(f"--resume: {path} holds Python objects, not weights (refused: loading it could run "
+                                "code); delete it to restart that stage from its beginning") from None
+        raise CompressError(f"--resume: {path} is damaged (not a checkpoint torch can read); delete it to restart "
+                            "that stage from its beginning") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad magic, ... are the same damaged file
         raise CompressError(f"--resume: {path} is damaged ({type(e).__name__}); delete it to restart that stage "
                             "from its beginning") from None

@@ -31,6 +31,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description="Prune vision models while they train.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -49,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--limit", type=_positive)
     e.add_argument("--batch-size", type=_positive, default=64)
-    e.add_argument("--workers", default="auto", help="data loader processes (default: what the machine's CPUs allow, <= 8)")
+    e.add_argument("--workers", type=_workers, default="auto", help="data loader processes (default: what the machine's CPUs allow, <= 8)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", type=Path, help="also write the results here")
 
