@@ -37,7 +37,7 @@ def read_checkpoint(path: Path, map_location=None) -> Dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():  # a well-formed pickle of objects torch will not build
+        if "GLOBAL" in str(e) or "global" in str(e):  # a pickle that names Python objects torch will not build
             raise CompressError(f"--resume: {path} holds Python objects, not weights (refused: loading it could run "
                                 "code); delete it to restart that stage from its beginning") from None
         raise CompressError(f"--resume: {path} is damaged (not a checkpoint torch can read); delete it to restart "

@@ -39,8 +39,6 @@ def save(
 ) -> Path:
     """Write an export folder atomically. ``pruners`` are attached pruner objects, in order; ``task`` is the
     ``compress.tasks.base.Task`` the model was made for (default: classification, classes unrecorded)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     edits = edits if edits is not None else [{} for _ in pruners]
     manifest = {
@@ -58,7 +56,7 @@ def save(
     for p, e in zip(pruners, edits):
         state = type(p).pack_state(state, e)
     with files.atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        files.save_safetensors(state, tmp / "model.safetensors", metadata={"format": FORMAT})
         (tmp / "compress.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if recipe_yaml is not None:
             (tmp / "recipe.yaml").write_text(recipe_yaml)

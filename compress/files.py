@@ -36,7 +36,10 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as e:
+            raise _naming(e, tmp_path, path) from None
         os.chmod(tmp_path, user_mode())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -46,15 +49,42 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
         raise
 
 
+def _naming(e: OSError, tmp: Path, target: Path) -> OSError:
+    """The same error, naming the file the user asked for instead of its temporary stand-in."""
+    name = str(e.filename or "")
+    if name.startswith(str(tmp)):
+        return OSError(e.errno, e.strerror, str(target) + name[len(str(tmp)):])
+    return e
+
+
 def write_text(path: Union[str, Path], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_with(path: Union[str, Path], writer: Callable[[str], None]) -> None:
-    """``writer(tmp_name)`` writes the file (e.g. ``safetensors.torch.save_file``); it lands atomically."""
+    """``writer(tmp_name)`` writes the file (e.g. ``torch.save``); it lands atomically."""
     with atomic_path(path) as tmp:
         writer(str(tmp))
+
+
+def save_safetensors(state, path: Union[str, Path], metadata=None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures (no space, file too large) are ``OSError``s naming
+    ``path``, as Python's own writes are (safetensors reports them as ``SafetensorError`` text)."""
+    import errno as errno_names
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        num = int(code.group(1))
+        raise OSError(num, os.strerror(num) if num in errno_names.errorcode else str(e), str(path)) from None
 
 
 @contextlib.contextmanager
@@ -64,7 +94,12 @@ def atomic_dir(path: Union[str, Path]) -> Iterator[Path]:
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            raise _naming(e, tmp, path) from None
+        for f in tmp.rglob("*"):  # some writers (safetensors) make private files
+            os.chmod(f, user_mode(directory=f.is_dir()))
         os.chmod(tmp, user_mode(directory=True))
         old = None
         if path.exists():

@@ -243,17 +243,15 @@ def _stage_dir(run_dir: Path, i: int, kind: str) -> Path:
 
 
 def _save_stage(ctx: RunContext, i: int, stage_dir: Path) -> None:
-    from safetensors.torch import save_file
-
     if not is_global_zero():
         return
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in ctx.model.state_dict().items()}
-    files.write_with(stage_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
+    files.write_with(stage_dir / "model.safetensors", lambda tmp: files.save_safetensors(state, tmp))
     dense_path = ctx.run_dir / "stages" / "dense.safetensors"
     if ctx.dense is not None and not dense_path.exists():
         dense = {k: v.detach().cpu().contiguous() for k, v in ctx.dense.state_dict().items()}
-        files.write_with(dense_path, lambda tmp: save_file(dense, tmp))
+        files.write_with(dense_path, lambda tmp: files.save_safetensors(dense, tmp))
     info = {
         "stage": i,
         "pruners": [{"spec": p.spec(), "stage": p._stage, "state": p.state_dict()} for p in ctx.pruners],
