@@ -131,11 +131,9 @@ def export_run(run_dir: Path, out: Path) -> Path:
     """Copy a run's export; if it has none, rebuild it from the last completed stage."""
     import json
 
-    import yaml
-
     from compress.export import read_manifest
     from compress.models import build_model
-    from compress.recipe import recipe_from_dict
+    from compress.recipe import read_yaml, recipe_from_dict
     from compress.report import export_context
     from compress.run import RunContext, _restore, build_source
 
@@ -150,7 +148,7 @@ def export_run(run_dir: Path, out: Path) -> Path:
         shutil.copytree(existing, tmp)
         tmp.rename(out)
         return out
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     recipe.model.pretrained, recipe.model.checkpoint = False, None
     model = build_model(recipe.model)
     ctx = RunContext(recipe, run_dir, model, build_source(recipe), ())
@@ -177,8 +175,9 @@ def describe_pruners() -> str:
 
 
 def recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    return here if here.is_dir() else Path.cwd() / "recipes"
+    from compress.recipe import bundled_recipes_dir
+
+    return bundled_recipes_dir()
 
 
 def describe_recipes() -> str:

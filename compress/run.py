@@ -87,8 +87,10 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     import lightning.pytorch as pl
 
     from compress.models import build_model
+    from compress.recipe import check_trainer
 
     _quiet_lightning()
+    check_trainer(recipe.trainer)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     source = build_source(recipe)
     model = build_model(recipe.model)
@@ -335,9 +337,9 @@ def fit(recipe_path=None, overrides=None, out=None, resume=None) -> Dict[str, An
         run_dir = Path(resume)
         if not (run_dir / "recipe.yaml").is_file():
             raise CompressError(f"--resume: {run_dir} is not a run directory (no recipe.yaml)")
-        import yaml
+        from compress.recipe import read_yaml
 
-        recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+        recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     else:
         recipe = load_recipe(recipe_path, overrides)
         joined = os.environ.get(RUN_DIR_ENV) if not is_global_zero() else None
