@@ -116,8 +116,9 @@ def _lightning_choices() -> Dict[str, tuple]:
 
 
 def _choice(what: str, value: Any, choices: tuple) -> ValueError:
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    hint = f"did you mean {close[0]!r}?" if close else "one of: " + ", ".join(map(str, choices))
+    names = list(dict.fromkeys(map(str, choices)))  # precision 16 and "16" read the same
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "one of: " + ", ".join(names)
     return ValueError(f"{value!r} is not a Lightning {what} ({hint})")
 
 
@@ -377,8 +378,8 @@ def _decode(data: bytes, path: Path) -> str:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
-        what = "UTF-8" if encoding == "utf-8" else f"{encoding.upper()} (as its byte-order mark says)"
-        raise CompressError(f"{path}:{line}: not {what} text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+        what = "not UTF-8 text" if encoding == "utf-8" else f"broken {encoding.upper()} text after its byte-order mark"
+        raise CompressError(f"{path}:{line}: {what} (byte 0x{data[e.start]:02x} at offset {e.start}); "
                             "save the recipe as UTF-8") from None
     if encoding == "utf-8" and "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
@@ -416,11 +417,13 @@ def resolve_recipe(arg: Union[str, Path]) -> Path:
     if path.is_dir():
         raise CompressError(f"recipe file not found: {path} is a folder")
     bundled = sorted(p.stem for p in bundled_recipes_dir().glob("*.yaml"))
-    if len(path.parts) == 1:
-        stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
-        if stem in bundled:
-            return bundled_recipes_dir() / f"{stem}.yaml"
-    close = difflib.get_close_matches(path.stem, bundled, n=1)
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if len(path.parts) > 1:  # a path: say so only if its name is a bundled one
+        hint = f" (a bundled recipe has this name: --recipe {stem})" if stem in bundled else ""
+        raise CompressError(f"recipe file not found: {path}{hint}")
+    if stem in bundled:
+        return bundled_recipes_dir() / f"{stem}.yaml"
+    close = difflib.get_close_matches(stem, bundled, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"bundled: {', '.join(bundled) or 'none'}"
     raise CompressError(f"recipe file not found: {path} (not a file, nor a bundled recipe name; {hint})")
 
