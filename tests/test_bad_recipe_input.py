@@ -16,6 +16,7 @@ from compress.errors import CompressError
 from compress.recipe import (
     bundled_recipes_dir,
     check_trainer,
+    dump_recipe,
     load_recipe,
     read_yaml,
     recipe_from_dict,
@@ -240,3 +241,12 @@ def test_check_trainer_accepts_what_this_machine_runs(trainer):
     d = load_recipe(QUICKSTART).model_dump(mode="json")
     d["trainer"].update(trainer)
     check_trainer(recipe_from_dict(d).trainer)
+
+
+def test_resumed_recipes_read_back(tmp_path):
+    """``--resume`` reads the run's ``recipe.yaml`` (``dump_recipe``) with the same strict loader: no
+    aliases, no repeated keys there, for every bundled recipe."""
+    for path in sorted(bundled_recipes_dir().glob("*.yaml")):
+        r = load_recipe(path)
+        (tmp_path / "recipe.yaml").write_text(dump_recipe(r))
+        assert recipe_from_dict(read_yaml(tmp_path / "recipe.yaml")) == r, path.name
