@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="run a recipe: prune / distill / finetune stages, evaluate, export")
-    f.add_argument("--recipe", type=Path, help="recipe YAML")
+    f.add_argument("--recipe", type=Path, help="recipe YAML file, or a bundled recipe's name (see: compress recipes)")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value by dotted path, e.g. stages.0.pruner.target_gmacs_ratio=0.65")
     f.add_argument("--out", type=Path, help="parent folder of the run directory (default runs/<name>)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="dense vs pruned: GMACs, parameters, images/s, latency, memory")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="export folder")
-    src.add_argument("--recipe", type=Path, help="recipe: apply its prune stages zero-shot and compare")
+    src.add_argument("--recipe", type=Path, help="recipe file or bundled name: its prune stages zero-shot")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
     b.add_argument("--repeats", type=_positive, default=10)
@@ -101,25 +101,54 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _check_json_target(path: Optional[Path]) -> None:
+    """``--json`` is written after minutes of work: refuse a target that cannot be written before starting."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise CompressError(f"--json: {path} is a folder, not a file name")
+    if not path.parent.is_dir():
+        raise CompressError(f"--json: folder not found: {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CompressError(f"--json: cannot write in {path.parent} (permission denied)")
+
+
+def _write_json(path: Path, results) -> None:
+    """Atomically: a temporary file in the same folder, flushed, then renamed over ``path``, so a reader
+    or a crash sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CompressError(f"--json: cannot write {path} ({e.strerror or e})") from None
+
+
 def cmd_eval(args) -> int:
     from compress import commands
 
+    _check_json_target(args.json)
     results = commands.evaluate_export(args.checkpoint, args.data, args.split, args.limit, args.batch_size,
                                        args.workers, _device(args.device))
     print(commands.eval_table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(args.json, results)
     return 0
 
 
 def cmd_bench(args) -> int:
     from compress import commands
 
+    _check_json_target(args.json)
     results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
                              args.repeats)
     print(commands.bench_table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(args.json, results)
     return 0
 
 

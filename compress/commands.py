@@ -193,8 +193,9 @@ def describe_pruners() -> str:
 
 
 def recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    return here if here.is_dir() else Path.cwd() / "recipes"
+    from compress.recipe import bundled_recipes_dir
+
+    return bundled_recipes_dir()
 
 
 def describe_recipes() -> str:

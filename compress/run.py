@@ -103,8 +103,10 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
 
     from compress.models import build_model
     from compress.tasks.base import Task
+    from compress.recipe import check_trainer
 
     _quiet_lightning()
+    check_trainer(recipe.trainer)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     source = build_source(recipe)
     task = Task.for_source(source)

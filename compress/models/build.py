@@ -32,6 +32,15 @@ def build_from_spec(spec: Dict[str, Any], pretrained: bool = False) -> nn.Module
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise CompressError(f"model.kwargs: {name} does not accept these arguments ({e})") from None
+    except (OSError, RuntimeError) as e:
+        # Fetching hub weights offline or without network: huggingface_hub's LocalEntryNotFoundError and
+        # OfflineModeIsEnabled, urllib's URLError and requests' errors are all OSErrors; timm raises
+        # RuntimeError for a model without pretrained weights. Anything else is a bug and keeps its traceback.
+        if not pretrained or (isinstance(e, RuntimeError) and "pretrained" not in str(e).lower()):
+            raise
+        reason = " ".join(str(e).split()).split(". ")[0]  # hub messages go on for sentences
+        raise CompressError(f"model.pretrained: cannot load the pretrained weights of {name} ({type(e).__name__}: "
+                            f"{reason}); set model.checkpoint to a local .pth/.safetensors file instead") from None
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
