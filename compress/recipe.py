@@ -508,7 +508,7 @@ def check_trainer(t: TrainerConfig) -> None:
 
     steps = [("accelerator", t.accelerator, {"accelerator": t.accelerator}),
              ("devices", t.devices, {"devices": t.devices, "num_nodes": t.num_nodes}),
-             ("strategy", t.strategy, {"strategy": resolve_strategy(t.strategy)}),
+             ("strategy", t.strategy, {"strategy": resolve_strategy(t.strategy, t.accelerator)}),
              ("precision", t.precision, {"precision": t.precision})]
     kwargs: Dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                   enable_model_summary=False)

@@ -184,7 +184,7 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from compress.callbacks import EpochLog
-    from compress.strategies import resolve_strategy
+    from compress.strategies import is_deepspeed, resolve_strategy
 
     from compress.checkpoints import AtomicCheckpointIO, SaveOnInterrupt
 
@@ -205,10 +205,9 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     ]
     if not progress:
         callbacks.append(EpochLog())
-    strategy = resolve_strategy(t.strategy)
-    deepspeed = "deepspeed" in (strategy if isinstance(strategy, str) else type(strategy).__name__.lower())
+    strategy = resolve_strategy(t.strategy, t.accelerator)
     return dict(
-        plugins=[] if deepspeed else [AtomicCheckpointIO()],
+        plugins=[] if is_deepspeed(t.strategy) else [AtomicCheckpointIO()],  # DeepSpeed writes checkpoint folders
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -292,8 +291,19 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
             ctx.pruners.append(pruner)
             _log(f"stage {i} ({stage.kind}): attached {pruner!r}")
     if stage.trains:
+        from compress.strategies import is_deepspeed, zero_stage
+
+        deepspeed = is_deepspeed(ctx.recipe.trainer.strategy)
+        # DeepSpeed converts, partitions and hooks the module it is given: it gets a copy, a new one per stage
+        # (so a structured pruner can shrink the model between stages), and ctx.model takes the consolidated
+        # fp32 weights back at the end.
+        model = copy.deepcopy(ctx.model) if deepspeed else ctx.model
+        if deepspeed and zero_stage(ctx.recipe.trainer.strategy) == 3:
+            from compress.zero import register_external
+
+            register_external(pair for p in ctx.pruners for pair in p.external_parameters(model))
         teacher = _teacher(ctx, i, stage) if stage.kind == "distill" else None
-        module = ctx.task.module(ctx.model, stage, teacher=teacher)
+        module = ctx.task.module(model, stage, teacher=teacher)
         module.pruners = ctx.pruners
         callbacks = [cb for p in ctx.pruners for cb in p.callbacks()]
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
@@ -301,13 +311,27 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         trainer = pl.Trainer(**kwargs)
         train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
         _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
-        ctx.model.train()
+        model.train()
         with ctx.signals.training(trainer):
             trainer.fit(module, train_dataloaders=train, ckpt_path=ckpt_path)
+        if deepspeed:
+            _take_back(ctx, model)
     ctx.model.eval()
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
         ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model, f"evaluate after stage {i}")
     _save_stage(ctx, i, stage_dir)
+
+
+def _take_back(ctx: RunContext, trained: nn.Module) -> None:
+    """After a DeepSpeed stage: ``ctx.model`` gets the trained copy's consolidated fp32 weights (gathered on
+    every rank: a collective), and the pruners continue on it (a structured pruner shrinks it now)."""
+    from compress.zero import consolidated_state
+
+    state = consolidated_state(trained)
+    ctx.model.load_state_dict(state)
+    del trained, state
+    for pruner in ctx.pruners:
+        pruner.rejoin(ctx.model)
 
 
 def calibrate(ctx: RunContext, pruner, where: str) -> None:

@@ -51,6 +51,15 @@ class Pruner:
         """Lightning callbacks through which the pruner acts during training (default: none)."""
         return []
 
+    def external_parameters(self, model: nn.Module) -> List[Tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where ``module``'s forward uses a parameter that is not its own (ZeRO-3
+        must gather it when that module runs; see ``compress.zero.register_external``). Default: none."""
+        return []
+
+    def rejoin(self, model: nn.Module) -> None:
+        """A stage trained a copy of the model under DeepSpeed; ``model`` now holds the consolidated
+        weights: point the pruner at it again (default: nothing to do)."""
+
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         """Make the decision physical; return the structural edits ``apply_edits`` can replay."""
         return {}

@@ -29,7 +29,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from pydantic import Field, model_validator
 
-from compress import distributed
+from compress import distributed, zero
 from compress.errors import CompressError
 from compress.pruners.base import Pruner, PrunerConfig
 from compress.pruners.structured.widths import (
@@ -158,12 +158,18 @@ MLP_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight")
 
 
 def magnitude(module: nn.Module, names: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
-    return {n: p.detach().float() ** 2 for n, p in _group_tensors(module, names).items()}
+    """Squared weights (whole fp32 values: gathered under DeepSpeed ZeRO-3, a collective)."""
+    return {n: zero.read(p) ** 2 for n, p in _group_tensors(module, names).items()}
 
 
 def taylor_terms(module: nn.Module, names: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
-    return {n: (p.detach() * p.grad.detach()).abs().float() for n, p in _group_tensors(module, names).items()
-            if p.grad is not None}
+    """|w * dL/dw| between backward and the optimizer step (DeepSpeed's gradient partitions gathered)."""
+    out = {}
+    for n, p in _group_tensors(module, names).items():
+        g = zero.read_grad(p)
+        if g is not None:
+            out[n] = (zero.read(p) * g).abs()
+    return out
 
 
 def top_k(scores: torch.Tensor, alive: List[int], k: int) -> List[int]:
@@ -271,21 +277,22 @@ class HeadsPruner(Pruner):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero the weights of removed heads / units (multi-process training; shrunk at the stage end)."""
+        """Zero the weights of removed heads / units (multi-process training; shrunk at the stage end). Under
+        DeepSpeed the optimizer's fp32 master copy is zeroed too (``compress.zero.write``)."""
         for (_, attn, mlp), (heads, hidden) in zip(vit_blocks(self._model), self._alive):
-            hmask = torch.zeros(attn.num_heads, dtype=torch.bool, device=attn.qkv.weight.device)
+            hmask = torch.zeros(attn.num_heads, dtype=torch.bool)
             hmask[heads] = True
             cmask = hmask.repeat_interleave(attn.head_dim)
-            attn.qkv.weight.mul_(cmask.repeat(3)[:, None])
-            if attn.qkv.bias is not None:
-                attn.qkv.bias.mul_(cmask.repeat(3))
-            attn.proj.weight.mul_(cmask[None, :])
-            umask = torch.zeros(mlp.fc1.out_features, dtype=torch.bool, device=mlp.fc1.weight.device)
+            umask = torch.zeros(mlp.fc1.out_features, dtype=torch.bool)
             umask[hidden] = True
-            mlp.fc1.weight.mul_(umask[:, None])
+            _mul(attn.qkv.weight, cmask.repeat(3)[:, None])
+            if attn.qkv.bias is not None:
+                _mul(attn.qkv.bias, cmask.repeat(3))
+            _mul(attn.proj.weight, cmask[None, :])
+            _mul(mlp.fc1.weight, umask[:, None])
             if mlp.fc1.bias is not None:
-                mlp.fc1.bias.mul_(umask)
-            mlp.fc2.weight.mul_(umask[None, :])
+                _mul(mlp.fc1.bias, umask)
+            _mul(mlp.fc2.weight, umask[None, :])
 
     @property
     def masked(self) -> bool:
@@ -298,6 +305,13 @@ class HeadsPruner(Pruner):
             terms.update({f"mlp.{k}": v for k, v in taylor_terms(mlp, MLP_PARAMS).items()})
             for k, v in terms.items():
                 acc[k] = acc[k] + v if k in acc else v
+
+    def rejoin(self, model: nn.Module) -> None:
+        """After a DeepSpeed stage (which trained a masked copy): continue on ``model``, which holds the
+        consolidated weights, and shrink it now, before the next stage builds its engine."""
+        self._model = model
+        if self.masked:
+            self.shrink()
 
     def complete(self, optimizers=()) -> None:
         """Run the remaining prune events now and make everything physical."""
@@ -319,7 +333,10 @@ class HeadsPruner(Pruner):
 
     def state_dict(self) -> Dict[str, Any]:
         edits = changed_widths(self._base, self._model) if self._model is not None else {}
-        return {"events_done": self.events_done, "edits": edits}
+        state = {"events_done": self.events_done, "edits": edits}
+        if self._model is not None and self.masked:  # mid-stage under DDP/DeepSpeed: the decisions not yet physical
+            state["alive"] = [[list(h), list(m)] for h, m in self._alive]
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume after a completed stage: the model (still dense) takes the recorded widths again."""
@@ -327,6 +344,18 @@ class HeadsPruner(Pruner):
         if state.get("edits") and self._model is not None and not changed_widths(self._base, self._model):
             apply_widths(self._model, state["edits"])
             self._reset_alive()
+        alive = state.get("alive")
+        if alive and self._model is not None and len(alive) == len(self._alive):
+            self._alive = [(list(h), list(m)) for h, m in alive]
+
+
+@torch.no_grad()
+def _mul(param: torch.Tensor, mask: torch.Tensor) -> None:
+    """``param *= mask`` (broadcast), in DeepSpeed's master copy too when it keeps one."""
+    if zero.has_master(param):
+        zero.write(param, zero.read(param) * mask)
+    else:
+        param.mul_(mask.to(param.device))
 
 
 class _HeadsCallback(Callback):
@@ -345,11 +374,11 @@ class _HeadsCallback(Callback):
         self.fits += 1
         self.active = self.fits == 1 and not self.pruner.done
         self.start_step = trainer.global_step
-        self.physical = trainer.world_size == 1
-        if self.active and not self.physical and "deepspeed" in type(trainer.strategy).__name__.lower():
-            stage3 = getattr(trainer.strategy, "zero_stage_3", False)
-            if stage3:
-                raise CompressError("heads: pruning under DeepSpeed ZeRO-3 is not supported (use ddp or ZeRO-1/2)")
+        # DeepSpeed trains a copy of the run's model (a new engine per stage): decide and mask on it, and let
+        # ``rejoin`` shrink the run's model once it holds the consolidated weights.
+        self.deepspeed = "deepspeed" in type(trainer.strategy).__name__.lower()
+        self.physical = trainer.world_size == 1 and not self.deepspeed
+        self.pruner._model = getattr(pl_module, "model", pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         p = self.pruner
@@ -368,5 +397,9 @@ class _HeadsCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.active:
-            self.pruner.complete(optimizers=trainer.optimizers if self.physical else ())
+            if self.deepspeed:
+                while not self.pruner.done:
+                    self.pruner.prune_event(physical=False)
+            else:
+                self.pruner.complete(optimizers=trainer.optimizers if self.physical else ())
             self.active = False

@@ -212,6 +212,21 @@ class STViT(TokenPruner):
             self.detach(model)
             raise
 
+    def external_parameters(self, model: nn.Module):
+        """The STGM and recovery layers use ``qkv.weight``/``bias`` (and G) directly, inside the forward of the
+        block they replace: under ZeRO-3 that block must gather them."""
+        b, r = self.stgm_block, self.config.recover_at
+        pairs = []
+        for i in (b, b + 1):
+            qkv = model.blocks[i].attn.qkv
+            pairs += [(model.blocks[i], p) for p in (qkv.weight, qkv.bias) if p is not None]
+        if model.stvit.global_centres is not None:
+            pairs.append((model.blocks[b + 1], model.stvit.global_centres))
+        if r is not None:
+            qkv = model.stvit.recovery.attn.qkv
+            pairs += [(model.blocks[r], p) for p in (qkv.weight, qkv.bias) if p is not None]
+        return pairs
+
     def detach(self, model: nn.Module) -> None:
         tokens.remove_patch(model)
         if "stvit" in model._modules:

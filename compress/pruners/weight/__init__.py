@@ -85,6 +85,9 @@ class WeightPruner(Pruner):
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in self.layers}
 
+    def rejoin(self, model: nn.Module) -> None:
+        self.bind(model)
+
     def callbacks(self) -> List[Any]:
         return [callback_class()(self)]
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
+from compress import zero
 from compress.distributed import world_size
 from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
@@ -118,7 +119,7 @@ def layer_masks(layers: Dict[str, nn.Module], sparsity: float, n_m: Optional[Tup
     """Per-layer magnitude selection: in each layer the ceil(p * n) smallest |w| (or an N:M pattern)."""
     masks = {}
     for name, layer in layers.items():
-        w = layer.weight.detach()
+        w = weight_of(layer)
         if n_m is not None:
             masks[name] = n_m_mask(w, n_m[0], n_m[1], name)
         else:
@@ -130,7 +131,7 @@ def global_masks(layers: Dict[str, nn.Module], sparsity: float, cap: float = 0.9
     """Global magnitude selection: the ceil(p * N) smallest |w| over all layers together; a layer that would lose
     more than ``cap`` of its weights keeps its largest ones (so the total can end a little under the target)."""
     names = list(layers)
-    scores = [layers[n].weight.detach().abs().reshape(-1) for n in names]
+    scores = [weight_of(layers[n]).abs().reshape(-1) for n in names]
     flat = smallest_mask(torch.cat(scores).float(), prune_count(sum(s.numel() for s in scores), sparsity, 1.0))
     masks, start = {}, 0
     for name, s in zip(names, scores):
@@ -139,26 +140,39 @@ def global_masks(layers: Dict[str, nn.Module], sparsity: float, cap: float = 0.9
         limit = prune_count(s.numel(), 1.0, cap)
         if int(m.sum()) > limit:
             m = smallest_mask(s, limit)
-        masks[name] = m.view_as(layers[name].weight)
+        masks[name] = m.view(zero.shape(layers[name].weight))
     return masks
 
 
 # -- applying -----------------------------------------------------------------------------------------
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """A layer's whole weight, detached: the fp32 master copy under DeepSpeed (gathered under ZeRO-3; a
+    collective), the parameter itself otherwise."""
+    w = layer.weight
+    return zero.read(w) if zero.has_master(w) or zero.partitioned(w) else w.detach()
+
+
 @torch.no_grad()
 def apply_masks(layers: Dict[str, nn.Module], masks: Masks) -> None:
-    """Hard zeros at the pruned positions."""
+    """Hard zeros at the pruned positions (in DeepSpeed's master copy too, or the next step undoes them)."""
     for name, mask in masks.items():
-        layers[name].weight.masked_fill_(mask.to(layers[name].weight.device), 0)
+        w = layers[name].weight
+        if zero.has_master(w):
+            zero.write(w, zero.read(w).masked_fill_(mask.to(w.device), 0))
+        else:
+            w.masked_fill_(mask.to(w.device), 0)
 
 
 @torch.no_grad()
 def shrink(layers: Dict[str, nn.Module], masks: Masks, alpha: float) -> None:
-    """ISS-P's soft shrinkage: multiply exactly the selected weights by ``alpha``."""
+    """ISS-P's soft shrinkage: multiply exactly the selected weights by ``alpha`` (master copy included)."""
     for name, mask in masks.items():
         w = layers[name].weight
-        w.copy_(torch.where(mask.to(w.device), w * alpha, w))
+        full = zero.read(w) if zero.has_master(w) else w
+        value = torch.where(mask.to(full.device), full * alpha, full)
+        zero.write(w, value) if zero.has_master(w) else w.copy_(value)
 
 
 def layer_sparsity(layers: Dict[str, nn.Module]) -> Dict[str, float]:
