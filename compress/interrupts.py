@@ -44,7 +44,10 @@ class StopSignals:
         if self.trainer is not None and first:
             connector = getattr(self.trainer, "_signal_connector", None)
             if connector is not None:  # Lightning stops after this batch and raises SIGTERMException
-                connector.received_sigterm = True
+                if self.trainer.world_size == 1:
+                    connector.received_sigterm = True
+                # else: several ranks must stop after the same batch, or the checkpoint's collectives (and
+                # DeepSpeed's) deadlock: ``SyncStop`` shares the request at the end of every batch
                 print(f"\n[compress] {signal.Signals(signum).name}: stopping after this batch and saving a checkpoint "
                       "(send it again to stop at once)", file=sys.stderr, flush=True)
                 return
@@ -67,6 +70,12 @@ class StopSignals:
     def training(self, trainer) -> Iterator[None]:
         """Around ``trainer.fit``: Lightning's exits on a stop become ``Interrupted``."""
         self.trainer = trainer
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            # Lightning's own SIGTERM handler broadcasts over the process group from inside the handler, which
+            # deadlocks when the signal lands during a collective (DeepSpeed's run all the time); ``_handle``
+            # only sets the flag, and Lightning's training loop shares rank 0's flag at the next batch.
+            connector._sigterm_notifier_fn = lambda signum, frame: None
         try:
             yield
         except SystemExit:
@@ -75,3 +84,25 @@ class StopSignals:
             raise Interrupted(self.signum or signal.SIGINT) from None
         finally:
             self.trainer = None
+
+
+def sync_stop_callback(signals: StopSignals):
+    """A Lightning callback that, with several ranks, stops all of them after the same batch when any one got a
+    stop signal (an all-reduce of the signal number per batch), so they save the checkpoint together."""
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import Callback
+
+    class SyncStop(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+                return
+            flag = torch.tensor([signals.signum or 0], dtype=torch.int32)
+            if dist.get_backend() == "nccl":
+                flag = flag.to(trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag.item()):
+                signals.signum = signals.signum or int(flag.item())
+                trainer._signal_connector.received_sigterm = True
+
+    return SyncStop()

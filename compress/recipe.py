@@ -514,6 +514,8 @@ def check_trainer(t: TrainerConfig) -> None:
                                   enable_model_summary=False)
     for key, value, more in steps:
         kwargs.update(more)
+        if key != "strategy" and "strategy" in kwargs:  # a strategy object belongs to one Trainer: a fresh one each time
+            kwargs["strategy"] = resolve_strategy(t.strategy, t.accelerator)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from compress import files
 from compress.errors import CompressError
-from compress.interrupts import Interrupted, StopSignals
+from compress.interrupts import Interrupted, StopSignals, sync_stop_callback
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
 
 DONE = "done.json"
@@ -307,7 +307,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         module.pruners = ctx.pruners
         callbacks = [cb for p in ctx.pruners for cb in p.callbacks()]
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
-        kwargs["callbacks"] = kwargs["callbacks"] + callbacks
+        kwargs["callbacks"] = kwargs["callbacks"] + callbacks + [sync_stop_callback(ctx.signals)]
         trainer = pl.Trainer(**kwargs)
         train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
         _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))

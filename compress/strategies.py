@@ -40,8 +40,7 @@ def zero_stage(strategy: Union[str, Dict[str, Any], None]) -> Optional[int]:
     if isinstance(strategy, str):
         from lightning.pytorch.strategies import StrategyRegistry
 
-        entry = StrategyRegistry.get(strategy) if strategy in StrategyRegistry else None
-        params = (entry or {}).get("init_params", {})
+        params = StrategyRegistry[strategy]["init_params"] if strategy in StrategyRegistry else {}
         return int(params.get("stage", 2))
     cfg = strategy["deepspeed"] if isinstance(strategy["deepspeed"], dict) else {}
     if "zero_optimization" in cfg:
@@ -118,7 +117,7 @@ def deepspeed_strategy_class(cpu: bool) -> type:
             DDPStrategy.setup_environment(self)  # DeepSpeedStrategy's own only adds the CUDA check
 
         def setup_distributed(self) -> None:
-            from lightning.pytorch.utilities.seed import reset_seed
+            from lightning.fabric.utilities.seed import reset_seed
 
             reset_seed()
             self.set_world_ranks()

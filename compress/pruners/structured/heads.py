@@ -245,10 +245,11 @@ class HeadsPruner(Pruner):
     def decide(self, event: int) -> List[Dict[str, List[int]]]:
         """Kept head / hidden indices (of the current layers) per block after ``event``; rank 0's choice."""
         widths = self._plan.at_event(self._final, event, self.config.steps, self.config)
+        scores = self.scores()  # on every rank: under DeepSpeed reading the weights is a collective
 
         def choose():
             kept = []
-            for (hs, ms), (alive_h, alive_m), (h, m) in zip(self.scores(), self._alive, widths):
+            for (hs, ms), (alive_h, alive_m), (h, m) in zip(scores, self._alive, widths):
                 kept.append({"heads": top_k(hs, alive_h, min(h, len(alive_h))),
                              "hidden": top_k(ms, alive_m, min(m, len(alive_m)))})
             return kept
@@ -395,11 +396,15 @@ class _HeadsCallback(Callback):
         if self.active and not self.physical and self.pruner.masked:
             self.pruner.apply_masks()
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Under DeepSpeed the last events run here, while the engine (and its process group) still stands:
+        ``on_fit_end`` comes after Lightning's teardown."""
+        if self.active and self.deepspeed:
+            while not self.pruner.done:
+                self.pruner.prune_event(physical=False)
+            self.active = False
+
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.active:
-            if self.deepspeed:
-                while not self.pruner.done:
-                    self.pruner.prune_event(physical=False)
-            else:
-                self.pruner.complete(optimizers=trainer.optimizers if self.physical else ())
+            self.pruner.complete(optimizers=trainer.optimizers if self.physical else ())
             self.active = False
