@@ -104,9 +104,11 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     from compress.models import build_model
     from compress.tasks.base import Task
     from compress.recipe import check_trainer
+    from compress.strategies import check_deepspeed
 
     _quiet_lightning()
     check_trainer(recipe.trainer)
+    check_deepspeed(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     source = build_source(recipe)
     task = Task.for_source(source)
@@ -314,12 +316,30 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         model.train()
         with ctx.signals.training(trainer):
             trainer.fit(module, train_dataloaders=train, ckpt_path=ckpt_path)
+        _check_ranks_agree(ctx, i, stage)  # before the heads pruner turns its masks into a smaller model
         if deepspeed:
             _take_back(ctx, model)
     ctx.model.eval()
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
         ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model, f"evaluate after stage {i}")
     _save_stage(ctx, i, stage_dir)
+
+
+def _check_ranks_agree(ctx: RunContext, i: int, stage) -> None:
+    """Every rank must end a stage with the same pruning decisions; record them (``metrics.json`` "ranks")
+    and stop the run if they differ, before the stage is saved."""
+    from compress.distributed import world_size
+
+    if world_size() == 1 or not ctx.pruners:
+        return
+    import torch.distributed as dist
+
+    mine = [p.decisions() for p in ctx.pruners]
+    every = [None] * world_size()
+    dist.all_gather_object(every, json.loads(json.dumps(mine, default=str)))
+    ctx.metrics.setdefault("ranks", {})[f"{i}-{stage.kind}"] = every
+    if any(d != every[0] for d in every):
+        raise CompressError(f"stages[{i}]: the {len(every)} ranks ended the stage with different pruning decisions")
 
 
 def _take_back(ctx: RunContext, trained: nn.Module) -> None:

@@ -135,6 +135,31 @@ def deepspeed_strategy_class(cpu: bool) -> type:
     return CPUDeepSpeedStrategy
 
 
+def check_deepspeed(recipe) -> None:
+    """What a DeepSpeed recipe cannot run, refused before anything is written: mixed precision on CPU (DeepSpeed's
+    CPU accelerator trains fp32 here; bf16/fp16 are for GPUs), and pruners that say they cannot work on
+    partitioned ZeRO-3 weights (``Pruner.zero3_problem``)."""
+    t = recipe.trainer
+    stage = zero_stage(t.strategy)
+    if stage is None:
+        return
+    if _cpu(t.accelerator) and str(t.precision) not in ("32", "32-true"):
+        raise CompressError(f"trainer.precision: {t.precision!r} under DeepSpeed needs CUDA GPUs; on CPU use 32-true")
+    if stage < 3:
+        return
+    from compress.registry import PRUNERS
+
+    for i, s in enumerate(recipe.stages):
+        if s.pruner is None:
+            continue
+        spec = s.pruner.model_dump()
+        cls = PRUNERS.get(spec.pop("name"))
+        problem = cls.zero3_problem(cls.Config.model_validate(spec))
+        if problem:
+            raise CompressError(f"stages[{i}].pruner.{problem} (trainer.strategy is ZeRO-3: weights are partitioned; "
+                                "use deepspeed_stage_2 or ddp)")
+
+
 def _require_deepspeed(name: str) -> None:
     import importlib.util
 

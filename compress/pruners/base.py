@@ -56,6 +56,17 @@ class Pruner:
         must gather it when that module runs; see ``compress.zero.register_external``). Default: none."""
         return []
 
+    @classmethod
+    def zero3_problem(cls, config: PrunerConfig) -> Optional[str]:
+        """Why this configuration cannot run under DeepSpeed ZeRO-3 ("<key>: <reason>"), or None. Checked at
+        recipe validation. Pruners that touch weights outside a module's forward must use ``compress.zero``."""
+        return None
+
+    def decisions(self) -> Any:
+        """A JSON-able summary of what the pruner has decided (kept heads, a digest of masks, its plan): every
+        rank must hold the same, which the stage runner checks after multi-process stages."""
+        return self.spec()
+
     def rejoin(self, model: nn.Module) -> None:
         """A stage trained a copy of the model under DeepSpeed; ``model`` now holds the consolidated
         weights: point the pruner at it again (default: nothing to do)."""

@@ -23,6 +23,26 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class _CastInputs:
+    """Calls the (fp32) teacher with inputs cast to its dtype and hands back outputs in the inputs' dtype: under
+    DeepSpeed's bf16/fp16 the batch arrives in half precision, which an fp32 teacher refuses."""
+
+    def __init__(self, teacher: nn.Module):
+        self.module = teacher
+
+    def __call__(self, *inputs):
+        dtype = next(self.module.parameters()).dtype
+        given = next((x.dtype for x in inputs if torch.is_tensor(x) and x.is_floating_point()), dtype)
+        out = self.module(*(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs))
+        if given == dtype:
+            return out
+        cast = lambda t: t.to(given) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+        return tuple(cast(t) for t in out) if isinstance(out, tuple) else cast(out)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
 class StageModule(pl.LightningModule):
     """Base of the tasks' LightningModules; subclasses write ``training_step`` (and validation)."""
 
@@ -35,14 +55,14 @@ class StageModule(pl.LightningModule):
 
     @property
     def teacher(self) -> Optional[nn.Module]:
-        return self._teacher[0] if self._teacher else None
+        return _CastInputs(self._teacher[0]) if self._teacher else None
 
     def forward(self, *args):
         return self.model(*args)
 
     def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device)
+        if self._teacher:
+            self._teacher[0].to(self.device)
 
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["compress_pruners"] = [p.state_dict() for p in self.pruners]

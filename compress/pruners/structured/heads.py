@@ -198,6 +198,7 @@ class HeadsPruner(Pruner):
         self._final: Optional[List[Tuple[int, int]]] = None
         self.events_done = 0
         self._alive: List[Tuple[List[int], List[int]]] = []  # per block: live heads, live hidden units
+        self._widths: List[Tuple[int, int]] = []  # per block: heads, hidden units the model has now
         self._taylor: List[Dict[str, torch.Tensor]] = []
         self._callback: Optional[Callback] = None
 
@@ -227,7 +228,8 @@ class HeadsPruner(Pruner):
         return self.events_done >= self.config.steps
 
     def _reset_alive(self) -> None:
-        self._alive = [(list(range(a.num_heads)), list(range(m.fc1.out_features))) for _, a, m in vit_blocks(self._model)]
+        self._widths = [(a.num_heads, m.fc1.out_features) for _, a, m in vit_blocks(self._model)]
+        self._alive = [(list(range(h)), list(range(m))) for h, m in self._widths]
         self._taylor = [{} for _ in self._alive]
 
     # -- decisions ----------------------------------------------------------------------------------
@@ -296,6 +298,12 @@ class HeadsPruner(Pruner):
             _mul(mlp.fc2.weight, umask[None, :])
 
     @property
+    def pending(self) -> bool:
+        """Decisions made but not yet physical (without looking at the model, which a token pruner may have
+        patched since)."""
+        return any(len(h) < n_h or len(m) < n_m for (h, m), (n_h, n_m) in zip(self._alive, self._widths))
+
+    @property
     def masked(self) -> bool:
         return any(len(h) < a.num_heads or len(m) < p.fc1.out_features
                    for (h, m), (_, a, p) in zip(self._alive, vit_blocks(self._model)))
@@ -307,18 +315,21 @@ class HeadsPruner(Pruner):
             for k, v in terms.items():
                 acc[k] = acc[k] + v if k in acc else v
 
+    def decisions(self) -> Dict[str, Any]:
+        return {"events_done": self.events_done, "alive": [[list(h), list(m)] for h, m in self._alive]}
+
     def rejoin(self, model: nn.Module) -> None:
         """After a DeepSpeed stage (which trained a masked copy): continue on ``model``, which holds the
         consolidated weights, and shrink it now, before the next stage builds its engine."""
         self._model = model
-        if self.masked:
+        if self.pending:
             self.shrink()
 
     def complete(self, optimizers=()) -> None:
         """Run the remaining prune events now and make everything physical."""
         while not self.done:
             self.prune_event(physical=False)
-        if self.masked:
+        if self.pending:
             self.shrink(optimizers)
 
     # -- export -------------------------------------------------------------------------------------
@@ -335,7 +346,7 @@ class HeadsPruner(Pruner):
     def state_dict(self) -> Dict[str, Any]:
         edits = changed_widths(self._base, self._model) if self._model is not None else {}
         state = {"events_done": self.events_done, "edits": edits}
-        if self._model is not None and self.masked:  # mid-stage under DDP/DeepSpeed: the decisions not yet physical
+        if self._model is not None and self.pending:  # mid-stage under DDP/DeepSpeed: the decisions not yet physical
             state["alive"] = [[list(h), list(m)] for h, m in self._alive]
         return state
 

@@ -85,6 +85,15 @@ class WeightPruner(Pruner):
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in self.layers}
 
+    def decisions(self) -> Dict[str, Any]:
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.masks):
+            h.update(name.encode())
+            h.update(M.pack_bits(self.masks[name].cpu()).numpy().tobytes())
+        return {"step": self.step, "masks": h.hexdigest()[:16], "layers": len(self.masks)}
+
     def rejoin(self, model: nn.Module) -> None:
         self.bind(model)
 
