@@ -60,3 +60,21 @@ def only_run(out: Path) -> Path:
     runs = [p for p in out.glob("*/*") if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """DeepSpeed importable and its CPU communication op built, once per session: DeepSpeed compiles it with a
+    C++ compiler on first use (minutes), into TORCH_EXTENSIONS_DIR (default ``<repo>/.cache/torch_extensions``,
+    which CI keeps between runs), where every rank of every test then finds it."""
+    import shutil
+
+    pytest.importorskip("deepspeed", reason="DeepSpeed tests need the extra: pip install -e '.[deepspeed]'")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    if torch.cuda.is_available():
+        return
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("DeepSpeed on CPU builds its communication op with a C++ compiler; none found (set CXX)")
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
