@@ -17,7 +17,10 @@ def world_size() -> int:
 
 
 def decide_on_rank0(decide: Callable[[], Any]) -> Any:
-    """``decide()`` on rank 0, its result broadcast to all ranks (the same object everywhere)."""
+    """``decide()`` on rank 0, its result broadcast to all ranks (the same object everywhere).
+
+    ``decide`` runs on rank 0 alone, so it must not communicate: read weights that may be partitioned (DeepSpeed
+    ZeRO, ``compress.zero.read`` is a collective) on every rank first, then decide from what was read."""
     if world_size() == 1:
         return decide()
     box = [decide() if dist.get_rank() == 0 else None]

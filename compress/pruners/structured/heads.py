@@ -17,7 +17,9 @@ optimizer's param groups are pointed at the new tensors (their Adam/momentum sta
 a multi-process strategy (DDP, DeepSpeed) the DDP wrapper and sharded optimizers hold the old tensors,
 so removed heads/units are masked (their weights zeroed after every step, which also zeroes their
 gradients) and the model shrinks physically at the end of that stage (``on_fit_end``), before the
-next stage builds its own optimizer and wrapper. If a prune stage does not train, the remaining
+next stage builds its own optimizer and wrapper. Under DeepSpeed the weights are read and masked through
+``compress.zero`` (fp32 master copy; gathered under ZeRO-3), the stage trains a copy of the model, and
+``rejoin`` shrinks the run's model once it holds the consolidated weights. If a prune stage does not train, the remaining
 prunes happen at the start of the next training stage's schedule or, at the latest, in ``finalize``.
 """
 from __future__ import annotations
