@@ -22,6 +22,7 @@ def _input_size(model, manifest: Optional[Dict[str, Any]] = None) -> tuple:
 def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
                     device: str) -> Dict[str, Any]:
     from compress import measure
+    from compress.data.base import check_classes, report_unreadable
     from compress.export import load
     from compress.registry import DATASETS
     from compress.tasks.classification import evaluate
@@ -34,9 +35,11 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
     source = cls(Path(root) if root else None, cls.Config(), limit)
     if source.task != model._compress_manifest.get("task", "classification"):
         raise CompressError(f"--data: {kind} is a {source.task} dataset but the export is a {model._compress_manifest['task']} model")
+    check_classes(model, source, f"the export {checkpoint}", f"{kind}:{root}")
     ds = source.dataset(split, model, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
     results = evaluate(model, loader, source.num_classes, device)
+    results.update(report_unreadable(ds))
     size = _input_size(model, model._compress_manifest)
     x = torch.randn(1, *size, device=device)
     results.update(gmacs=measure.count_gmacs(model, x), params=measure.count_params(model))

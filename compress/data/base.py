@@ -1,12 +1,43 @@
-"""The dataset protocol: a kind builds train/val datasets for a model from the recipe's ``data``."""
+"""The dataset protocol: a kind builds train/val datasets for a model from the recipe's ``data``.
+
+Bad data folders, the shared rules (``check_folder``, ``scan_image_folder``, ``ImageFiles``):
+
+- Structural problems fail before anything trains or is written, with one line naming the folder: a
+  root that is missing or a file, a folder without read permission, a split with no class folders, a
+  split whose class folders hold no images, or one where none of a few images tried can be decoded.
+- A class folder without images, beside others that have some, is skipped with a warning (its class
+  keeps its label; it just has no samples).
+- A corrupt or unreadable image file among good ones does not stop a run: decoding every file up front
+  is too slow for ImageNet, so files are checked as they are read; a bad one is recorded and its place
+  is taken by the next readable image of the split (batches keep their shape), a warning names the
+  first bad file, and ``unreadable(ds)`` gives the count (``compress eval`` reports it).
+"""
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 from torch.utils.data import Dataset, Subset
+
+from compress.errors import CompressError
+
+log = logging.getLogger("compress")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_errors() -> tuple:
+    """What PIL raises for a file that is not a decodable image (truncated, random bytes, no permission)."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 class NoParams(BaseModel):
@@ -36,7 +67,11 @@ class DataSource:
         return limit_dataset(ds, self.limit)
 
     def input_size(self, model: nn.Module) -> tuple:
-        """(C, H, W) that the model sees with this data."""
+        """(C, H, W) that the model sees with this data: the size a ViT was built for (one made with
+        ``img_size: 32`` still carries its family's 224 px data config), else timm's data config."""
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size:
+            return (3, *size)
         from timm.data import resolve_data_config
 
         return tuple(resolve_data_config({}, model=model)["input_size"])
@@ -49,3 +84,174 @@ def limit_dataset(ds: Dataset, limit: Optional[int]) -> Dataset:
         return ds
     idx = torch.linspace(0, n - 1, limit).round().long().unique().tolist()
     return Subset(ds, idx)
+
+
+def check_classes(model: nn.Module, source: DataSource, model_name: str, data_name: str, key: str = "--data") -> None:
+    """A classifier scored on a dataset with another number of classes fails in the metrics (or, worse,
+    scores silently wrong labels): say so before evaluating."""
+    n = getattr(model, "num_classes", None)
+    if source.task == "classification" and isinstance(n, int) and n != source.num_classes:
+        raise CompressError(f"{key}: {data_name} has {source.num_classes} classes but {model_name} predicts {n}")
+
+
+# -- folders of images ----------------------------------------------------------------------------------
+
+
+def check_folder(path: Path, key: str = "data.root", expect: str = "a folder") -> Path:
+    """``path`` exists, is a folder and can be listed; otherwise one line that says which of these fails."""
+    if not path.exists():
+        raise CompressError(f"{key}: folder not found: {path}")
+    if not path.is_dir():
+        raise CompressError(f"{key}: {path} is a file, expected {expect}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CompressError(f"{key}: cannot read folder {path} (permission denied)")
+    return path
+
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        log.warning(msg)
+
+
+def scan_image_folder(folder: Path, key: str = "data.root") -> Tuple[List[str], List[Tuple[str, int]]]:
+    """``folder/<class>/**/<image>`` -> (sorted class names, (path, class index) samples), as torchvision's
+    ImageFolder, but every structural problem is one line naming the folder (see the module docstring).
+    Hidden folders (``.ipynb_checkpoints``) are not classes."""
+    check_folder(folder, key)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise CompressError(f"{key}: cannot list {folder} ({e.strerror})") from None
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not classes:
+        loose = sum(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries if e.is_file())
+        hint = f"; it holds {loose} images directly, put them in one folder per class" if loose else ""
+        raise CompressError(f"{key}: {folder} holds no class folders (expected {folder}/<class>/<image>){hint}")
+    samples, empty = [], []
+    for c, name in enumerate(classes):
+        d = folder / name
+        check_folder(d, key)
+        found = sorted(os.path.join(r, f) for r, _, files in os.walk(d, followlinks=True)
+                       for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        if not found:
+            empty.append(name)
+        samples += [(p, c) for p in found]
+    if not samples:
+        raise CompressError(f"{key}: none of the {len(classes)} class folders of {folder} holds images "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        _warn_once(f"{key}: {len(empty)} of the {len(classes)} class folders of {folder} hold no images "
+                   f"(e.g. {empty[0]}/); they have no samples")
+    return classes, samples
+
+
+def open_image(path: str):
+    """The image at ``path`` as RGB, fully decoded (so a truncated file fails here, not in a transform)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def bad_image_reason(err: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):  # its message repeats the path
+        return "UnidentifiedImageError: not an image format PIL knows"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def why_unreadable(path: str) -> Optional[str]:
+    """Why ``path`` cannot be decoded as an image, or None if it can."""
+    try:
+        open_image(path)
+    except image_errors() as e:
+        return bad_image_reason(e)
+    return None
+
+
+class ImageFiles(Dataset):
+    """(transformed image, label) for a list of (path, label) samples, decoded lazily with PIL.
+
+    An undecodable file is recorded in ``bad`` (in shared memory, so DataLoader workers' findings reach
+    the main process) and replaced by the next readable sample; the first one is named in a warning."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Optional[Callable], classes=(),
+                 key: str = "data.root"):
+        self.samples = list(samples)
+        self.targets = [y for _, y in self.samples]
+        self.imgs = self.samples
+        self.classes = list(classes)
+        self.transform = transform
+        self.key = key
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        self._errors = image_errors()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        n = len(self.samples)
+        if not -n <= i < n:
+            raise IndexError(i)  # also ends plain iteration over the dataset
+        i %= n
+        for k in range(n):
+            j = (i + k) % n
+            path, label = self.samples[j]
+            if self.bad[j]:
+                continue
+            try:
+                img = open_image(path)
+            except self._errors as e:
+                self._record(j, e)
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise CompressError(f"{self.key}: none of the {n} images could be read, e.g. {self.samples[i][0]}")
+
+    def _record(self, j: int, err: Exception) -> None:
+        first = not bool(self.bad.any())
+        self.bad[j] = True
+        if first:
+            log.warning(f"{self.key}: cannot read image {self.samples[j][0]} ({bad_image_reason(err)}); "
+                        "skipping it and any other unreadable image (the next readable one takes its place)")
+
+    def probe(self, tries: int = 4) -> None:
+        """Decode a few images spread over the set: if none can be read, the folder is not what the
+        user thinks (placeholders, an unfinished download), and it should fail now, not mid-run."""
+        n, count = len(self.samples), min(tries, len(self.samples))
+        picks = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
+        reasons = []
+        for j in picks:
+            why = why_unreadable(self.samples[j][0])
+            if why is None:
+                return
+            reasons.append((self.samples[j][0], why))
+        path, why = reasons[0]
+        raise CompressError(f"{self.key}: none of the {len(picks)} images tried could be read as an image, "
+                            f"e.g. {path} ({why})")
+
+
+def unreadable(ds: Dataset) -> Dict[str, object]:
+    """How many images of ``ds`` (an ``ImageFiles``, maybe under ``Subset``s) were skipped as unreadable so
+    far, and the first one with the reason: ``{}`` when none were."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    bad = getattr(ds, "bad", None)
+    if bad is None or not bool(bad.any()):
+        return {}
+    first = ds.samples[int(bad.nonzero()[0])][0]
+    return {"unreadable_images": int(bad.sum()), "first_unreadable": first, "reason": why_unreadable(first)}
+
+
+def report_unreadable(ds: Dataset) -> Dict[str, object]:
+    """``unreadable(ds)``, also said in one warning line (for the end of an evaluation)."""
+    found = unreadable(ds)
+    if found:
+        log.warning(f"skipped {found['unreadable_images']} unreadable image(s) of {len(ds)}, e.g. "
+                    f"{found['first_unreadable']} ({found['reason']}); each was replaced by the next readable one")
+    return found
