@@ -1,49 +1,5 @@
-"""Make the registry's CUDA-only torchvision importable on a CPU torch.
+"""The torchvision guard (``_compress_guard``), also run from ``import compress`` for interpreters that
+start without the install's ``.pth`` file (e.g. ``PYTHONNOUSERSITE`` tricks or ``python -S``)."""
+from _compress_guard import install
 
-torchvision 0.28.0 on PyPI links ``libtorch_cuda.so``. On a CPU torch its ``_C`` extension fails to
-load silently and torchvision then registers fake kernels for ``torchvision::nms``/``qnms``, which
-raises because the ops were never defined; timm, Lightning and torchmetrics all import torchvision,
-so every import of the stack fails. When (and only when) ``_C`` cannot be loaded we define the two op
-schemas ourselves, so the pure-Python parts of torchvision (transforms, datasets) work. On a healthy
-torchvision (CUDA torch, or a CPU build) this does nothing.
-"""
-from __future__ import annotations
-
-import glob
-import importlib.util
-import os
-import sys
-
-_LIBRARY = None  # keeps the torch.library registration alive for the interpreter's lifetime
-
-
-def _extension_loads(package_dir: str) -> bool:
-    import torch
-
-    candidates = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
-    if not candidates:
-        return False
-    try:
-        torch.ops.load_library(candidates[0])
-    except (OSError, RuntimeError):
-        return False
-    return True
-
-
-def install() -> bool:
-    """Define the missing op schemas if torchvision's extension cannot load; return True if it did."""
-    global _LIBRARY
-    if _LIBRARY is not None or "torchvision" in sys.modules:
-        return False
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    if _extension_loads(list(spec.submodule_search_locations)[0]):
-        return False
-    import torch
-
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _LIBRARY = lib
-    return True
+__all__ = ["install"]

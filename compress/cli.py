@@ -31,13 +31,25 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description="Prune vision models while they train.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="run a recipe: prune / distill / finetune stages, evaluate, export")
-    f.add_argument("--recipe", type=Path, help="recipe YAML")
+    f.add_argument("--recipe", type=Path, help="recipe YAML file, or a bundled recipe's name (see: compress recipes)")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value by dotted path, e.g. stages.0.pruner.target_gmacs_ratio=0.65")
     f.add_argument("--out", type=Path, help="parent folder of the run directory (default runs/<name>)")
@@ -49,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--limit", type=_positive)
     e.add_argument("--batch-size", type=_positive, default=64)
-    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--workers", type=_workers, default="auto", help="data loader processes (default: what the machine's CPUs allow, <= 8)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", type=Path, help="also write the results here")
 
     b = sub.add_parser("bench", help="dense vs pruned: GMACs, parameters, images/s, latency, memory")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="export folder")
-    src.add_argument("--recipe", type=Path, help="recipe: apply its prune stages zero-shot and compare")
+    src.add_argument("--recipe", type=Path, help="recipe file or bundled name: its prune stages zero-shot")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
     b.add_argument("--repeats", type=_positive, default=10)
@@ -89,25 +101,54 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _check_json_target(path: Optional[Path]) -> None:
+    """``--json`` is written after minutes of work: refuse a target that cannot be written before starting."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise CompressError(f"--json: {path} is a folder, not a file name")
+    if not path.parent.is_dir():
+        raise CompressError(f"--json: folder not found: {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CompressError(f"--json: cannot write in {path.parent} (permission denied)")
+
+
+def _write_json(path: Path, results) -> None:
+    """Atomically: a temporary file in the same folder, flushed, then renamed over ``path``, so a reader
+    or a crash sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CompressError(f"--json: cannot write {path} ({e.strerror or e})") from None
+
+
 def cmd_eval(args) -> int:
     from compress import commands
 
+    _check_json_target(args.json)
     results = commands.evaluate_export(args.checkpoint, args.data, args.split, args.limit, args.batch_size,
                                        args.workers, _device(args.device))
     print(commands.eval_table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(args.json, results)
     return 0
 
 
 def cmd_bench(args) -> int:
     from compress import commands
 
+    _check_json_target(args.json)
     results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
                              args.repeats)
     print(commands.bench_table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(args.json, results)
     return 0
 
 
@@ -137,18 +178,34 @@ COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_
             "pruners": cmd_pruners, "recipes": cmd_recipes}
 
 
+def _os_error(e: OSError) -> str:
+    """A file-system failure (no space, read-only, not a folder, ...) as one line naming the file."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"cannot write or read {where}{e.strerror or e}" if e.filename else f"{e.strerror or e}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from compress.interrupts import Interrupted
+
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("COMPRESS_DEBUG")
     try:
         return COMMANDS[args.command](args)
     except CompressError as e:
-        if args.debug or os.environ.get("COMPRESS_DEBUG"):
+        if debug:
             raise
         print(f"compress {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # disk full, read-only folder, a file where a folder should be: nothing half-written is left
+        if debug:
+            raise
+        print(f"compress {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted(2)
+        resume = f"; resume with: compress fit --resume {stop.run_dir}" if getattr(stop, "run_dir", None) else ""
+        print(f"compress {args.command}: interrupted by {stop.signal_name}{resume}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from compress import files
 from compress.errors import CompressError
 from compress.report import compare, table
 
@@ -22,34 +23,40 @@ def _input_size(model, manifest: Optional[Dict[str, Any]] = None) -> tuple:
 def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
                     device: str) -> Dict[str, Any]:
     from compress import measure
-    from compress.data.base import check_classes, report_unreadable
+    from compress.data.base import report_unreadable
     from compress.export import load
     from compress.registry import DATASETS
-    from compress.tasks.classification import evaluate
+    from compress.tasks.base import Task
 
     if ":" not in data:
         raise CompressError(f"--data: expected KIND:ROOT (e.g. imagenet:/data/imagenet), got {data!r}")
     kind, root = data.split(":", 1)
-    model = load(checkpoint)
     cls = DATASETS.get(kind)
+    model = load(checkpoint)
+    manifest = model._compress_manifest
     source = cls(Path(root) if root else None, cls.Config(), limit)
-    if source.task != model._compress_manifest.get("task", "classification"):
-        raise CompressError(f"--data: {kind} is a {source.task} dataset but the export is a {model._compress_manifest['task']} model")
-    check_classes(model, source, f"the export {checkpoint}", f"{kind}:{root}")
+    made_for = manifest.get("task", "classification")
+    if source.task != made_for:
+        raise CompressError(f"--data: {kind} is a {source.task} dataset but the export is a {made_for} model")
+    task = Task.for_source(source)
+    task.check_model(model, f"--data: {checkpoint} on {kind}")
     ds = source.dataset(split, model, train=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
-    results = evaluate(model, loader, source.num_classes, device)
+    from compress.run import data_workers
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=data_workers(workers))
+    results = task.evaluate(model, loader, device)
     results.update(report_unreadable(ds))
-    size = _input_size(model, model._compress_manifest)
-    x = torch.randn(1, *size, device=device)
-    results.update(gmacs=measure.count_gmacs(model, x), params=measure.count_params(model))
-    results.update(measure.throughput(model, torch.randn(min(batch_size, 32), *size, device=device)))
-    results.update(checkpoint=str(checkpoint), data=data, split=split)
+    size = _input_size(model, manifest)
+    results.update(gmacs=measure.count_gmacs(model, task.example(size, 1, device)), params=measure.count_params(model))
+    results.update(measure.throughput(model, task.example(size, min(batch_size, 32), device)))
+    results.update(checkpoint=str(checkpoint), data=data, split=split, task=task.name)
     return results
 
 
 def eval_table(r: Dict[str, Any]) -> str:
-    cols = [("top1", "top-1 %", ".2f"), ("top5", "top-5 %", ".2f"), ("images", "images", "d"), ("gmacs", "GMACs", ".4f"),
+    from compress.registry import TASKS
+
+    cols = [*TASKS.get(r.get("task", "classification")).columns, ("images", "images", "d"), ("gmacs", "GMACs", ".4f"),
             ("params", "params", ",d"), ("images_per_s", "images/s", ".1f")]
     return table({Path(r["checkpoint"]).name: r}, cols)
 
@@ -57,15 +64,17 @@ def eval_table(r: Dict[str, Any]) -> str:
 def _recipe_models(recipe_path: Path, overrides: List[str]):
     """Dense and zero-shot-pruned models from a recipe's model and prune stages (no training): every pruner is
     attached and finalized, so structured and weight pruners apply their decision at once (from the weights as
-    they are) and the benchmark sees the final structure."""
+    they are) and the benchmark sees the final structure. Also returns the input shape, the pruners and the task."""
     import copy
 
     from compress.models import build_model
     from compress.pruners.base import build_pruner
     from compress.recipe import load_recipe
     from compress.run import build_source
+    from compress.tasks.base import Task
 
     recipe = load_recipe(recipe_path, overrides)
+    source = build_source(recipe)
     dense = build_model(recipe.model).eval()
     pruned = copy.deepcopy(dense)
     pruners = []
@@ -75,12 +84,13 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
             pruner.attach(pruned)
             pruner.finalize(pruned)
             pruners.append(pruner)
-    return dense, pruned, tuple(build_source(recipe).input_size(dense)), pruners
+    return dense, pruned, tuple(source.input_size(dense)), pruners, Task.for_source(source)
 
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
           device: str, repeats: int) -> Dict[str, Any]:
     from compress.export import build_base, load
+    from compress.tasks.base import Task
 
     if checkpoint is not None:
         pruned = load(checkpoint)
@@ -88,10 +98,11 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         size = _input_size(pruned, pruned._compress_manifest)
         source = str(checkpoint)
         pruners = pruned._compress_manifest["pruners"]
+        task = Task.for_manifest(pruned._compress_manifest)
     else:
-        dense, pruned, size, pruners = _recipe_models(recipe, overrides)
+        dense, pruned, size, pruners, task = _recipe_models(recipe, overrides)
         source = str(recipe)
-    results = compare(dense, pruned, size, batch_sizes, device, repeats)
+    results = compare(dense, pruned, lambda bs: task.example(size, bs, device), batch_sizes, device, repeats)
     results["source"] = source
     from compress.pruners.weight import has_weight_pruner, storage_report
 
@@ -123,6 +134,11 @@ def bench_table(r: Dict[str, Any]) -> str:
             cols.append((f"mem{bs}", f"peak MiB @{bs}", ".1f"))
     out = (f"{r['source']} on {r['device']} ({r['threads']} threads), input {tuple(r['input_size'])}\n"
            + table(rows, cols))
+    spread = ", ".join(f"@{bs}: {min(v):.2f}x-{max(v):.2f}x" for bs, v in r["ratios"].get("speedup_rounds", {}).items())
+    if spread:
+        out += f"\nspeed-up in each of the interleaved rounds {spread}"
+    if r.get("busy_cores_elsewhere") is not None and r["busy_cores_elsewhere"] > 0.5:
+        out += f"\nwarning: other processes kept {r['busy_cores_elsewhere']:.1f} CPU cores busy; the speed ratios are unreliable"
     if "storage" in r:
         from compress.pruners.weight import storage_lines
 
@@ -134,29 +150,28 @@ def export_run(run_dir: Path, out: Path) -> Path:
     """Copy a run's export; if it has none, rebuild it from the last completed stage."""
     import json
 
-    import yaml
-
     from compress.export import read_manifest
     from compress.models import build_model
-    from compress.recipe import recipe_from_dict
     from compress.report import export_context
-    from compress.run import RunContext, _restore, build_source
+    from compress.run import RunContext, _restore, _resume_recipe, build_source, check_writable_dir
+    from compress.tasks.base import Task
 
-    if not (run_dir / "recipe.yaml").is_file():
-        raise CompressError(f"--run: {run_dir} is not a run directory (no recipe.yaml)")
+    recipe = _resume_recipe(run_dir, "--run")
     if out.exists():
         raise CompressError(f"--out: {out} already exists")
     existing = run_dir / "export"
     if existing.is_dir():
         read_manifest(existing)
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.copytree(existing, tmp)
-        tmp.rename(out)
+        check_writable_dir(out.parent, "--out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with files.atomic_dir(out) as tmp:
+            for f in existing.iterdir():
+                shutil.copy2(f, tmp / f.name)
         return out
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
     recipe.model.pretrained, recipe.model.checkpoint = False, None
     model = build_model(recipe.model)
-    ctx = RunContext(recipe, run_dir, model, build_source(recipe), ())
+    source = build_source(recipe)
+    ctx = RunContext(recipe, run_dir, model, source, (), task=Task.for_source(source))
     if _restore(ctx) == 0:
         raise CompressError(f"--run: {run_dir} has no completed stage to export")
     ctx.input_size = tuple(ctx.source.input_size(model))
@@ -180,8 +195,9 @@ def describe_pruners() -> str:
 
 
 def recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    return here if here.is_dir() else Path.cwd() / "recipes"
+    from compress.recipe import bundled_recipes_dir
+
+    return bundled_recipes_dir()
 
 
 def describe_recipes() -> str:

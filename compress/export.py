@@ -3,15 +3,13 @@
 ``load`` rebuilds the base architecture (timm or a registered builder), replays the pruners'
 structural edits, re-attaches token pruners from their spec and loads the weights strictly. It uses
 no Lightning, no DeepSpeed and never unpickles: weights are safetensors, everything else JSON.
-Exports are written to a temporary folder and renamed into place, so a failure leaves nothing.
-A damaged or foreign export (a truncated file, a manifest missing a key) is one line naming the file.
+Exports are written to a temporary folder and renamed into place, so a failure leaves nothing, and
+only ever replace an earlier export, never a folder of the user's. A damaged or foreign export (a
+truncated file, a manifest missing a key) is one line naming the file.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Optional, Sequence, Union
 
@@ -19,9 +17,11 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from compress import files
 from compress.errors import CompressError
 
 FORMAT = "compress-export/1"
+EXPORT_FILES = {"model.safetensors", "compress.json", "recipe.yaml"}
 
 
 def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -36,39 +36,46 @@ def save(
     edits: Optional[List[Dict[str, Any]]] = None,
     recipe_yaml: Optional[str] = None,
     metrics: Optional[Dict[str, Any]] = None,
-    task: str = "classification",
+    task=None,
     input_size: Optional[Sequence[int]] = None,
 ) -> Path:
-    """Write an export folder atomically. ``pruners`` are attached pruner objects, in order."""
-    from safetensors.torch import save_file
-
+    """Write an export folder atomically. ``pruners`` are attached pruner objects, in order; ``task`` is the
+    ``compress.tasks.base.Task`` the model was made for (default: classification, classes unrecorded)."""
     out = Path(out_dir)
     edits = edits if edits is not None else [{} for _ in pruners]
     manifest = {
         "format": FORMAT,
-        "task": task,
+        "task": task.name if task is not None else "classification",
+        "task_info": task.record() if task is not None else {},
         "model": base,
         "input_size": list(input_size) if input_size is not None else None,
         "pruners": [{"spec": p.spec(), "kind": p.kind, "edits": e} for p, e in zip(pruners, edits)],
         "metrics": metrics or {},
     }
+    check_export_target(out, "export")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        state = _plain_state_dict(model)
-        for p, e in zip(pruners, edits):
-            state = type(p).pack_state(state, e)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    state = _plain_state_dict(model)
+    for p, e in zip(pruners, edits):
+        state = type(p).pack_state(state, e)
+    with files.atomic_dir(out) as tmp:
+        files.save_safetensors(state, tmp / "model.safetensors", metadata={"format": FORMAT})
         (tmp / "compress.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if recipe_yaml is not None:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def check_export_target(out: Path, where: str) -> None:
+    """An export may go to a new path, an empty folder, or over an earlier compress export; anything else
+    (a file, a folder of the user's own files) is refused: compress never deletes what it did not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CompressError(f"{where}: {out} is a file, not a folder")
+    entries = {p.name for p in out.iterdir()}
+    if entries and not (entries <= EXPORT_FILES and "compress.json" in entries):
+        raise CompressError(f"{where}: {out} is a folder that holds other files and is not a compress export; "
+                            "choose a new or empty folder")
 
 
 class _Spec(BaseModel):
@@ -96,6 +103,7 @@ class _PrunerEntry(_Spec):
 class _Manifest(_Spec):
     format: StrictStr
     task: StrictStr = "classification"
+    task_info: Optional[Dict[str, Any]] = None
     model: _ModelSpec
     pruners: List[_PrunerEntry]
     input_size: Optional[Annotated[List[Annotated[StrictInt, Field(gt=0)]], Field(min_length=3, max_length=3)]] = None
@@ -106,6 +114,7 @@ def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
     """The checked ``compress.json`` of the export folder ``path``: any problem with the folder or the
     manifest's shape is one line naming the file and the key."""
     from compress.recipe import format_validation_error
+    from compress.registry import TASKS
 
     path = Path(path)
     manifest_path = path / "compress.json"
@@ -131,6 +140,9 @@ def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
         _Manifest.model_validate(manifest)
     except ValidationError as e:
         raise CompressError(f"checkpoint: {manifest_path}: {format_validation_error(e, _Manifest)}") from None
+    if manifest.get("task", "classification") not in TASKS:
+        raise CompressError(f"checkpoint: {manifest_path}: task: unknown task {manifest['task']!r} "
+                            f"(known: {', '.join(TASKS.names())})")
     return manifest
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -39,16 +39,25 @@ def _register_cpu_sdpa_formula() -> None:
             return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def count_gmacs(model: nn.Module, example: torch.Tensor) -> float:
+def run(model: nn.Module, example: Any):
+    """``model(example)``, or ``model(*example)`` for a tuple of positional inputs."""
+    return model(*example) if isinstance(example, tuple) else model(example)
+
+
+def batch_size(example: Any) -> int:
+    return (example[0] if isinstance(example, tuple) else example).shape[0]
+
+
+def count_gmacs(model: nn.Module, example: Any) -> float:
     """Executed GMACs per image of ``model(example)`` (eval mode, no grad)."""
     _register_cpu_sdpa_formula()
     was_training = model.training
     model.eval()
     counter = flop_counter.FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        model(example)
+        run(model, example)
     model.train(was_training)
-    return counter.get_total_flops() / 2 / example.shape[0] / 1e9
+    return counter.get_total_flops() / 2 / batch_size(example) / 1e9
 
 
 def count_params(model: nn.Module) -> int:
@@ -64,35 +73,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats: int = 10) -> list:
+def _device_of(example: Any) -> torch.device:
+    return (example[0] if isinstance(example, tuple) else example).device
+
+
+def time_forward(model: nn.Module, example: Any, warmup: int = 3, repeats: int = 10) -> list:
     """Seconds per forward of ``example``, one entry per repeat (after warm-up)."""
     model.eval()
     times = []
+    dev = _device_of(example)
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            _sync(example.device)
+            _sync(dev)
             t0 = time.perf_counter()
-            model(example)
-            _sync(example.device)
+            run(model, example)
+            _sync(dev)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return times
 
 
-def throughput(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats: int = 10) -> Dict[str, float]:
+def throughput(model: nn.Module, example: Any, warmup: int = 3, repeats: int = 10) -> Dict[str, float]:
     """Median images/s and median latency (ms per batch) of ``model`` on ``example``."""
     med = statistics.median(time_forward(model, example, warmup, repeats))
-    return {"images_per_s": example.shape[0] / med, "latency_ms": med * 1e3}
+    return {"images_per_s": batch_size(example) / med, "latency_ms": med * 1e3}
 
 
-def peak_memory_mb(model: nn.Module, example: torch.Tensor) -> Optional[float]:
+def peak_memory_mb(model: nn.Module, example: Any) -> Optional[float]:
     """Peak CUDA memory of one forward in MiB; None on CPU (no reliable allocator statistic)."""
-    if example.device.type != "cuda":
+    dev = _device_of(example)
+    if dev.type != "cuda":
         return None
-    torch.cuda.reset_peak_memory_stats(example.device)
+    torch.cuda.reset_peak_memory_stats(dev)
     with torch.inference_mode():
-        model(example)
-    return torch.cuda.max_memory_allocated(example.device) / 2**20
+        run(model, example)
+    return torch.cuda.max_memory_allocated(dev) / 2**20
 
 
 def pin_threads(threads: Optional[int] = None) -> int:
@@ -102,37 +117,65 @@ def pin_threads(threads: Optional[int] = None) -> int:
     return n
 
 
+def busy_cores_elsewhere(seconds: float = 0.5) -> Optional[float]:
+    """CPU cores other processes keep busy, sampled from ``/proc/stat`` while this one sleeps (None where
+    there is no ``/proc``). Timings taken beside a busy neighbour are not worth comparing."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
 def profile(
     models: Dict[str, nn.Module],
-    input_size: Sequence[int],
+    example: Union[Sequence[int], Callable[[int], Any]],
     batch_sizes: Iterable[int] = (1, 32),
     device: str = "cpu",
     warmup: int = 3,
     repeats: int = 10,
+    rounds: int = 3,
 ) -> Dict[str, Dict]:
     """GMACs, params and speed for several models in one process, interleaving the timings so
-    that drift in machine speed hits all of them alike."""
+    that drift in machine speed hits all of them alike.
+
+    ``example`` is an input shape (C, H, W) or a function ``batch_size -> inputs`` (a task's
+    ``example``). Each model is timed in ``rounds`` interleaved rounds; the per-round medians are kept
+    (``rounds_images_per_s``) so that reports can show how much a ratio moved between rounds."""
+    from compress.progress import track
+
     dev = torch.device(device)
     pin_threads()
+    make = example if callable(example) else (lambda bs: torch.randn(bs, *example, device=dev))
     out: Dict[str, Dict] = {}
     for name, model in models.items():
         model.to(dev).eval()
-        out[name] = {
-            "gmacs": count_gmacs(model, torch.randn(1, *input_size, device=dev)),
-            "params": count_params(model),
-            "speed": {},
-        }
-    for bs in batch_sizes:
-        x = torch.randn(bs, *input_size, device=dev)
-        runs: Dict[str, list] = {name: [] for name in models}
-        for _ in range(3):  # interleave dense / pruned repeats
-            for name, model in models.items():
-                runs[name] += time_forward(model, x, warmup, max(1, repeats // 3))
-        for name in models:
-            med = statistics.median(runs[name])
+        out[name] = {"gmacs": count_gmacs(model, make(1)), "params": count_params(model), "speed": {}}
+    steps = [(bs, r) for bs in batch_sizes for r in range(rounds)]
+    per_round = max(1, repeats // rounds)
+    runs: Dict[str, Dict[int, list]] = {name: {} for name in models}
+    inputs: Dict[int, Any] = {}
+    for bs, _ in track(steps, "benchmark", unit="rounds"):
+        x = inputs.setdefault(bs, make(bs))
+        for name, model in models.items():  # interleave dense / pruned repeats
+            runs[name].setdefault(bs, []).append(time_forward(model, x, warmup, per_round))
+    for name in models:
+        for bs in batch_sizes:
+            times = [t for rnd in runs[name][bs] for t in rnd]
+            med = statistics.median(times)
             out[name]["speed"][str(bs)] = {
                 "images_per_s": bs / med,
                 "latency_ms": med * 1e3,
-                "peak_memory_mb": peak_memory_mb(models[name], x),
+                "peak_memory_mb": peak_memory_mb(models[name], inputs[bs]),
+                "rounds_images_per_s": [bs / statistics.median(rnd) for rnd in runs[name][bs]],
             }
     return out

@@ -5,7 +5,9 @@ own parameters, which are validated by the config class that pruner or dataset r
 """
 from __future__ import annotations
 
+import codecs
 import difflib
+import functools
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
@@ -32,7 +34,8 @@ class DataConfig(Strict):
     root: Optional[Path] = None
     batch_size: int = Field(64, gt=0)
     eval_batch_size: Optional[int] = Field(None, gt=0)
-    num_workers: int = Field(4, ge=0)
+    num_workers: Union[int, Literal["auto"]] = Field(
+        "auto", description="data loader processes; 'auto': as many as this machine's CPUs allow, at most 8")
     limit: Optional[int] = Field(None, gt=0, description="use at most this many images per split")
     params: Dict[str, Any] = Field(default_factory=dict, description="dataset-specific options")
 
@@ -94,19 +97,95 @@ class StageConfig(Strict):
         return bool(self.epochs) or self.max_steps is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _lightning_choices() -> Dict[str, tuple]:
+    """The names and values the installed Lightning accepts, asked from Lightning itself."""
+    from lightning.fabric.plugins.precision.precision import (
+        _PRECISION_INPUT_INT,
+        _PRECISION_INPUT_STR,
+        _PRECISION_INPUT_STR_ALIAS,
+    )
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return {
+        "accelerator": ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
+        "strategy": ("auto", *StrategyRegistry.available_strategies()),
+        "precision": tuple(v for lit in (_PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS, _PRECISION_INPUT_INT)
+                           for v in typing.get_args(lit)),
+    }
+
+
+def _choice(what: str, value: Any, choices: tuple) -> ValueError:
+    names = list(dict.fromkeys(map(str, choices)))  # precision 16 and "16" read the same
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "one of: " + ", ".join(names)
+    return ValueError(f"{value!r} is not a Lightning {what} ({hint})")
+
+
+def _is_index_list(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and len(set(value)) == len(value)
+            and all(type(i) is int and i >= 0 for i in value))
+
+
 class TrainerConfig(Strict):
-    """The subset of Lightning ``Trainer`` arguments a recipe may set."""
+    """The subset of Lightning ``Trainer`` arguments a recipe may set. The values are checked against what the
+    installed Lightning accepts here, so a typo names its key path instead of failing in ``Trainer``;
+    whether this machine can run them is ``check_trainer``'s job."""
 
     accelerator: str = "auto"
     devices: Union[int, str, List[int]] = "auto"
     num_nodes: int = Field(1, gt=0)
     strategy: Union[str, Dict[str, Any]] = "auto"
-    precision: str = "32-true"
+    precision: Union[int, str] = "32-true"
     log_every_n_steps: int = Field(50, gt=0)
     gradient_clip_val: Optional[float] = Field(None, gt=0)
     accumulate_grad_batches: int = Field(1, gt=0)
     enable_progress_bar: Optional[bool] = Field(None, description="default: only on an interactive terminal")
+    checkpoint_every_n_steps: int = Field(200, gt=0, description="optimizer steps between the mid-stage checkpoints "
+                                          "(last.ckpt) that --resume continues from")
     deterministic: bool = False
+
+    @field_validator("accelerator", mode="before")
+    @classmethod
+    def _accelerator(cls, v: Any) -> Any:
+        choices = _lightning_choices()["accelerator"]
+        if v not in choices:
+            raise _choice("accelerator", v, choices)
+        return v
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, v: Any) -> Any:
+        choices = _lightning_choices()["precision"]
+        if type(v) not in (int, str) or v not in choices:  # not 16.0 or true, which compare equal to ints
+            raise _choice("precision", v, choices)
+        return v
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            if set(v) != {"deepspeed"} or not isinstance(v["deepspeed"], dict):
+                raise ValueError("a mapping must be {deepspeed: {<DeepSpeedStrategy arguments>}}")
+            return v
+        choices = _lightning_choices()["strategy"]
+        if not isinstance(v, str) or v.lower() not in choices:
+            raise _choice("strategy", v, choices)
+        return v
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        """Lightning's forms: 'auto', N > 0, -1 (all), a list of indices, or the same as a string ('2', '-1', '0,1')."""
+        text = v.strip() if isinstance(v, str) else None
+        parts = [p.strip() for p in text.split(",") if p.strip()] if text and "," in text else None
+        if (text in ("auto", "-1") or (text is not None and text.isdigit() and int(text) > 0)
+                or (parts is not None and all(p.isdigit() for p in parts) and _is_index_list([int(p) for p in parts]))
+                or (type(v) is int and (v > 0 or v == -1)) or _is_index_list(v)):
+            return v
+        raise ValueError(f"{v!r} is not a device count: use 'auto', a number > 0, -1 (all), "
+                         "or device indices as a list [0, 1] or a string '0,1'")
 
 
 class EvaluateConfig(Strict):
@@ -203,6 +282,155 @@ def format_validation_error(err: ValidationError, root: type, prefix: tuple = ()
 # loading
 
 
+class _YamlProblem(Exception):
+    """Why a YAML text was refused, with the 1-based line where that is known."""
+
+    def __init__(self, message: str, line: Optional[int] = None):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with three refusals that recipes need.
+
+    - Aliases (``*name``, also in ``<<: *name``) are refused. Expanding nested aliases is exponential
+      (the "billion laughs" bomb hangs validation), and an alias makes two places of the recipe one
+      shared object, so ``--set`` on one would silently change the other. Recipes never need them;
+      anchors alone are harmless.
+    - Nesting deeper than ``MAX_DEPTH`` is refused with its line instead of a ``RecursionError``.
+    - A key repeated in one mapping is refused, naming both lines (PyYAML keeps the last one silently).
+    """
+
+    MAX_DEPTH = 64
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # the scanner's cost grows with the square of the flow depth: stop `[[[[...` before the composer
+        if self.flow_level >= self.MAX_DEPTH:
+            raise _YamlProblem(f"nested deeper than {self.MAX_DEPTH} levels", self.line + 1)
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _YamlProblem(f"alias *{event.anchor}: recipes do not take YAML aliases, write the value out",
+                               event.start_mark.line + 1)
+        self._depth += 1
+        try:
+            if self._depth > self.MAX_DEPTH:
+                raise _YamlProblem(f"nested deeper than {self.MAX_DEPTH} levels", event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        first: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _YamlProblem(f"duplicate key {key!r} (first at line {first[key]})", line)
+                first[key] = line
+            except TypeError:  # an unhashable key: PyYAML reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _parse_yaml(text: str) -> Any:
+    """Parse one YAML document with ``_RecipeLoader``; every failure becomes a one-line ``_YamlProblem``."""
+    try:
+        loader = _RecipeLoader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters, NUL)
+        line = text.count("\n", 0, e.position) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise _YamlProblem(f"control character U+{code:04X} is not allowed in YAML", line) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        context = f" ({_one_line(e.context)} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise _YamlProblem(f"invalid YAML: {_one_line(e.problem)}{context}",
+                           mark.line + 1 if mark is not None else None) from None
+    except yaml.YAMLError as e:
+        raise _YamlProblem(f"invalid YAML: {_one_line(e)}") from None
+    except RecursionError:
+        raise _YamlProblem("nested too deeply") from None
+
+
+# UTF-32 first: its little-endian BOM starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8, strictly. A byte-order mark may announce UTF-8, UTF-16 or UTF-32 (the encodings the YAML
+    spec allows; Windows editors write UTF-16 with a BOM): such files are decoded, not refused."""
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        what = "not UTF-8 text" if encoding == "utf-8" else f"broken {encoding.upper()} text after its byte-order mark"
+        raise CompressError(f"{path}:{line}: {what} (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                            "save the recipe as UTF-8") from None
+    if encoding == "utf-8" and "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise CompressError(f"{path}:{line}: NUL byte: UTF-16 or UTF-32 text without a byte-order mark? "
+                            "save the recipe as UTF-8")
+    return text
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    """The one way compress reads a recipe's YAML (``--recipe``, ``--resume``, ``export --run``): strict
+    decoding and ``_RecipeLoader``; any problem is a one-line ``CompressError`` naming ``path:line``."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CompressError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    try:
+        return _parse_yaml(_decode(data, path))
+    except _YamlProblem as e:
+        raise CompressError(f"{path}:{e.line}: {e.message}" if e.line else f"{path}: {e.message}") from None
+
+
+def bundled_recipes_dir() -> Path:
+    """The recipes shipped inside the package (``compress/recipes``, a link to the repository's
+    ``recipes/`` in a checkout; real files in a wheel), resolved so messages show where they are."""
+    return (Path(__file__).parent / "recipes").resolve()
+
+
+def resolve_recipe(arg: Union[str, Path]) -> Path:
+    """``--recipe``: an existing file wins; otherwise a bare name (with or without ``.yaml``) is a
+    bundled recipe, so ``--recipe deit_s_zerotprune`` works from any directory."""
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise CompressError(f"recipe file not found: {path} is a folder")
+    bundled = sorted(p.stem for p in bundled_recipes_dir().glob("*.yaml"))
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if len(path.parts) > 1:  # a path: say so only if its name is a bundled one
+        hint = f" (a bundled recipe has this name: --recipe {stem})" if stem in bundled else ""
+        raise CompressError(f"recipe file not found: {path}{hint}")
+    if stem in bundled:
+        return bundled_recipes_dir() / f"{stem}.yaml"
+    close = difflib.get_close_matches(stem, bundled, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"bundled: {', '.join(bundled) or 'none'}"
+    raise CompressError(f"recipe file not found: {path} (not a file, nor a bundled recipe name; {hint})")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise CompressError(f"--set {text!r}: expected dotted.key=value")
@@ -211,9 +439,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise CompressError(f"--set {text!r}: empty key segment")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise CompressError(f"--set {text!r}: value is not valid YAML ({e.problem})") from None
+        parsed = _parse_yaml(value) if value.strip() else None
+    except _YamlProblem as e:
+        raise CompressError(f"--set {text!r}: value is not valid YAML ({e.message})") from None
     return parts, parsed
 
 
@@ -265,6 +493,35 @@ def validate_plugin_params(recipe: Recipe) -> None:
         raise CompressError(format_validation_error(e, ds_cls.Config, ("data", "params"))) from None
 
 
+def check_trainer(t: TrainerConfig) -> None:
+    """What the schema cannot know: whether this machine has the accelerator, devices and libraries the
+    trainer settings ask for, and whether Lightning takes them together. Lightning itself is asked, with
+    throw-away ``Trainer``s given one more setting each time (cheap: nothing starts or is written), so the
+    error names the key that tipped it. ``fit`` calls this before it writes anything; recipe loading does
+    not, as ``bench`` and ``export`` read GPU recipes on machines without one."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from compress.strategies import resolve_strategy
+
+    steps = [("accelerator", t.accelerator, {"accelerator": t.accelerator}),
+             ("devices", t.devices, {"devices": t.devices, "num_nodes": t.num_nodes}),
+             ("strategy", t.strategy, {"strategy": resolve_strategy(t.strategy)}),
+             ("precision", t.precision, {"precision": t.precision})]
+    kwargs: Dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                  enable_model_summary=False)
+    for key, value, more in steps:
+        kwargs.update(more)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pl.Trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as e:
+            raise CompressError(f"trainer.{key}: Lightning cannot use {value!r} here: {_one_line(e)}") from None
+
+
 def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise CompressError(f"{source}: the recipe must be a YAML mapping")
@@ -280,15 +537,8 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise CompressError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    path = resolve_recipe(path)
+    data = read_yaml(path)
     for text in overrides or []:
         parts, value = parse_override(text)
         apply_override(data if isinstance(data, dict) else {}, parts, value, text)

@@ -1,4 +1,4 @@
-"""Name -> builder registries for models, pruners and datasets (the timm ``@register_model`` idea).
+"""Name -> builder registries for models, pruners, datasets and tasks (the timm ``@register_model`` idea).
 
 Each registry fills itself on first lookup by importing every module of its package, so adding a
 pruner is one new file in ``compress/pruners/`` and nothing else.
@@ -61,7 +61,9 @@ class Registry(Generic[T]):
 MODELS: Registry = Registry("model", "compress.models")
 PRUNERS: Registry = Registry("pruner", "compress.pruners")
 DATASETS: Registry = Registry("dataset", "compress.data")
+TASKS: Registry = Registry("task", "compress.tasks")
 
 register_model = MODELS.register
 register_pruner = PRUNERS.register
 register_dataset = DATASETS.register
+register_task = TASKS.register

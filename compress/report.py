@@ -6,19 +6,32 @@ from typing import Any, Dict
 
 import torch.nn as nn
 
-from compress import measure
+from compress import files, measure
 
 
-def compare(dense: nn.Module, pruned: nn.Module, input_size, batch_sizes=(32,), device: str = "cpu",
+def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), device: str = "cpu",
             repeats: int = 10) -> Dict[str, Any]:
-    prof = measure.profile({"dense": dense, "pruned": pruned}, input_size, batch_sizes, device=device, repeats=repeats)
+    """Dense vs pruned in one process; ``example`` is an input shape or ``batch_size -> inputs`` (see
+    ``Task.example``)."""
+    busy = measure.busy_cores_elsewhere() if device == "cpu" else None
+    if busy is not None and busy > 0.5:
+        import logging
+
+        logging.getLogger("compress").warning(
+            "benchmark: other processes keep %.1f CPU cores busy; speed ratios on a loaded machine vary a lot "
+            "(see the spread of the rounds): rerun on an idle machine", busy)
+    prof = measure.profile({"dense": dense, "pruned": pruned}, example, batch_sizes, device=device, repeats=repeats)
     d, p = prof["dense"], prof["pruned"]
     ratios = {
         "gmacs": p["gmacs"] / d["gmacs"],
         "params": p["params"] / d["params"],
         "speedup": {bs: p["speed"][bs]["images_per_s"] / d["speed"][bs]["images_per_s"] for bs in d["speed"]},
+        # the speed-up of each interleaved round alone: how far one run's ratio can be trusted
+        "speedup_rounds": {bs: [pr / dr for pr, dr in zip(p["speed"][bs]["rounds_images_per_s"],
+                                                          d["speed"][bs]["rounds_images_per_s"])] for bs in d["speed"]},
     }
-    return {"dense": d, "pruned": p, "ratios": ratios, "device": device, "threads": measure.pin_threads()}
+    return {"dense": d, "pruned": p, "ratios": ratios, "device": device, "threads": measure.pin_threads(),
+            "busy_cores_elsewhere": busy}
 
 
 def table(rows: Dict[str, Dict[str, Any]], columns) -> str:
@@ -35,27 +48,26 @@ def table(rows: Dict[str, Dict[str, Any]], columns) -> str:
     return "\n".join(lines)
 
 
-def summary_table(metrics: Dict[str, Any]) -> str:
+def summary_table(metrics: Dict[str, Any], columns) -> str:
+    """Dense vs pruned: the task's quality ``columns`` (see ``Task.columns``), then GMACs, params, speed."""
     bench = metrics.get("bench") or {}
     rows = {}
     for name in ("dense", "pruned"):
-        acc = metrics.get(name) or {}
+        quality = metrics.get(name) or {}
         b = bench.get(name) or {}
         speed = next(iter(b.get("speed", {}).values()), {})
-        rows[name] = {
-            "top1": acc.get("top1"), "top5": acc.get("top5"), "gmacs": b.get("gmacs"),
-            "params": b["params"] / 1e6 if "params" in b else None, "ips": speed.get("images_per_s"),
-        }
+        rows[name] = {**{key: quality.get(key) for key, _, _ in columns}, "gmacs": b.get("gmacs"),
+                      "params": b["params"] / 1e6 if "params" in b else None, "ips": speed.get("images_per_s")}
     if bench:
         r = bench["ratios"]
         rows["ratio"] = {"gmacs": r["gmacs"], "params": r["params"], "ips": next(iter(r["speedup"].values()))}
         if metrics.get("dense") and metrics.get("pruned"):
-            rows["ratio"]["top1"] = metrics["pruned"]["top1"] - metrics["dense"]["top1"]
-            rows["ratio"]["top5"] = metrics["pruned"]["top5"] - metrics["dense"]["top5"]
+            for key, _, _ in columns:
+                if key in metrics["pruned"] and key in metrics["dense"]:
+                    rows["ratio"][key] = metrics["pruned"][key] - metrics["dense"][key]
     bs = next(iter(bench.get("dense", {}).get("speed", {})), "?")
-    cols = [("top1", "top-1 %", ".2f"), ("top5", "top-5 %", ".2f"), ("gmacs", "GMACs", ".4f"),
-            ("params", "params (M)", ".3f"), ("ips", f"images/s (batch {bs})", ".1f")]
-    return table(rows, cols) + "\n(ratio row: pruned/dense for GMACs, params, images/s; difference in points for accuracy)"
+    cols = [*columns, ("gmacs", "GMACs", ".4f"), ("params", "params (M)", ".3f"), ("ips", f"images/s (batch {bs})", ".1f")]
+    return table(rows, cols) + "\n(ratio row: pruned/dense for GMACs, params, images/s; difference in points for the metrics)"
 
 
 def finalize_pruners(ctx) -> list:
@@ -72,7 +84,7 @@ def export_context(ctx, out, metrics: Dict[str, Any], edits=None):
     recipe = ctx.recipe
     edits = finalize_pruners(ctx) if edits is None else edits
     return save(ctx.model, out, model_spec(recipe.model.name, recipe.model.kwargs), ctx.pruners, edits,
-                dump_recipe(recipe), _exportable(metrics), input_size=ctx.input_size)
+                dump_recipe(recipe), _exportable(metrics), task=ctx.task, input_size=ctx.input_size)
 
 
 def finish(ctx) -> Dict[str, Any]:
@@ -85,12 +97,14 @@ def finish(ctx) -> Dict[str, Any]:
     edits = finalize_pruners(ctx)  # first, so the evaluation and the timing see the model that is exported
     model = ctx.model.eval()
     if recipe.evaluate.enabled:
-        metrics["pruned"] = evaluate_model(ctx, model)
+        metrics["pruned"] = evaluate_model(ctx, model, "evaluate pruned")
         if ctx.dense is None:
             metrics["dense"] = metrics["pruned"]
     if recipe.evaluate.bench:
         dense = ctx.dense if ctx.dense is not None else model
-        metrics["bench"] = compare(dense, model, ctx.input_size, (recipe.evaluate.batch_size,), _device(recipe))
+        dev = _device(recipe)
+        metrics["bench"] = compare(dense, model, lambda bs: ctx.task.example(ctx.input_size, bs, dev),
+                                   (recipe.evaluate.batch_size,), dev)
     if recipe.export.enabled:
         out = recipe.export.dir or (ctx.run_dir / "export")
         export_context(ctx, out, metrics, edits)
@@ -100,10 +114,10 @@ def finish(ctx) -> Dict[str, Any]:
 
     if has_weight_pruner(ctx.pruners):  # unstructured zeros: report nonzero params and the real file size
         metrics["storage"] = storage_report(ctx.dense if ctx.dense is not None else model, model, metrics.get("export"))
-    (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    files.write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     print()
     print(f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}")
-    print(summary_table(metrics))
+    print(summary_table(metrics, ctx.task.columns))
     if "storage" in metrics:
         print(storage_lines(metrics["storage"]))
     return metrics

@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from compress import files
 from compress.errors import CompressError
+from compress.interrupts import Interrupted, StopSignals
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
 
 DONE = "done.json"
@@ -41,9 +43,12 @@ class RunContext:
     model: nn.Module
     source: Any  # compress.data.base.DataSource
     input_size: tuple
+    task: Any = None  # compress.tasks.base.Task, from the dataset kind
     pruners: List[Any] = field(default_factory=list)
     dense: Optional[nn.Module] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
+    teachers: Dict[int, nn.Module] = field(default_factory=dict)  # stage index -> named teacher, built in prepare
+    signals: StopSignals = field(default_factory=StopSignals)
 
 
 def _quiet_lightning() -> None:
@@ -69,15 +74,25 @@ def build_source(recipe: Recipe):
     return cls(recipe.data.root, cls.Config.model_validate(recipe.data.params), recipe.data.limit)
 
 
+def data_workers(setting) -> int:
+    """``data.num_workers``: a number, or 'auto' = the CPUs this process may use, less one for the main
+    process, at most 8 (0 on a single-CPU machine)."""
+    if setting != "auto":
+        return int(setting)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus - 1))
+
+
 def make_loader(recipe: Recipe, dataset, train: bool):
     bs = recipe.data.batch_size if train else (recipe.data.eval_batch_size or recipe.data.batch_size)
+    workers = data_workers(recipe.data.num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=bs,
         shuffle=train,
         drop_last=train and len(dataset) > bs,
-        num_workers=recipe.data.num_workers,
-        persistent_workers=recipe.data.num_workers > 0 and train,
+        num_workers=workers,
+        persistent_workers=workers > 0 and train,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -87,31 +102,57 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     import lightning.pytorch as pl
 
     from compress.models import build_model
+    from compress.tasks.base import Task
+    from compress.recipe import check_trainer
 
     _quiet_lightning()
+    check_trainer(recipe.trainer)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     source = build_source(recipe)
+    task = Task.for_source(source)
     model = build_model(recipe.model)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and num_classes != source.num_classes:
-        raise CompressError(
-            f"model.kwargs.num_classes: {recipe.model.name} has {num_classes} classes but data.kind "
-            f"{recipe.data.kind!r} has {source.num_classes}"
-        )
+    task.check_model(model, f"model.kwargs.num_classes: {recipe.model.name} with data.kind {recipe.data.kind!r}")
     for where, split in check_pruners(recipe, model):
         try:
             source.dataset(split, model, train=False)
         except CompressError as e:
             raise CompressError(f"{where}: calibration images: {e}") from None
-    for i, stage in enumerate(recipe.stages):
-        if stage.distill is not None and stage.distill.checkpoint is not None and not Path(stage.distill.checkpoint).is_file():
-            raise CompressError(f"stages[{i}].distill.checkpoint: file not found: {stage.distill.checkpoint}")
+    teachers = build_teachers(recipe)
+    check_export_dir(recipe)
     # Touch the datasets now so a missing root or split fails before the run directory exists.
     if any(s.trains for s in recipe.stages):
         source.dataset("train", model, train=True)
     if recipe.evaluate.enabled:
         source.dataset(recipe.evaluate.split, model, train=False)
-    return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)))
+    return RunContext(recipe, run_dir, model, source, tuple(source.input_size(model)), task=task, teachers=teachers)
+
+
+def build_teachers(recipe: Recipe) -> Dict[int, nn.Module]:
+    """The named teachers of distill stages, built (and their checkpoints read) before the first stage, so
+    a bad teacher fails now and not after the earlier stages trained."""
+    from compress.models import build_model
+    from compress.recipe import ModelConfig
+
+    teachers = {}
+    for i, stage in enumerate(recipe.stages):
+        cfg = stage.distill
+        if cfg is None or cfg.teacher == "dense":
+            continue
+        try:
+            teachers[i] = build_model(ModelConfig(name=cfg.teacher, pretrained=cfg.checkpoint is None,
+                                                  checkpoint=cfg.checkpoint)).eval()
+        except CompressError as e:
+            msg = str(e).replace("model.checkpoint", "checkpoint").replace("model.name", "teacher")
+            raise CompressError(f"stages[{i}].distill.{msg}") from None
+    return teachers
+
+
+def check_export_dir(recipe: Recipe) -> None:
+    """``export.dir`` must be new, empty, or an earlier compress export (which is replaced): never a user's folder."""
+    from compress.export import check_export_target
+
+    if recipe.export.enabled and recipe.export.dir is not None:
+        check_export_target(Path(recipe.export.dir), "export.dir")
 
 
 def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
@@ -145,24 +186,33 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     from compress.callbacks import EpochLog
     from compress.strategies import resolve_strategy
 
+    from compress.checkpoints import AtomicCheckpointIO, SaveOnInterrupt
+
     t = recipe.trainer
     progress = sys.stdout.isatty() if t.enable_progress_bar is None else t.enable_progress_bar
-    loggers = [CSVLogger(str(stage_dir), name="logs", version="")]
+    version = _log_version(stage_dir)
+    loggers = [CSVLogger(str(stage_dir), name="logs", version=version)]
     try:
-        loggers.append(TensorBoardLogger(str(stage_dir), name="tb", version=""))
+        loggers.append(TensorBoardLogger(str(stage_dir), name="tb", version=version))
     except ModuleNotFoundError:
         pass
+    ckpt_dir = stage_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(dirpath=str(stage_dir / "checkpoints"), save_last=True, save_top_k=0, every_n_train_steps=200),
+        ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                        every_n_train_steps=t.checkpoint_every_n_steps),
+        SaveOnInterrupt(ckpt_dir),
         LearningRateMonitor(logging_interval="step"),
     ]
     if not progress:
         callbacks.append(EpochLog())
+    strategy = resolve_strategy(t.strategy)
+    deepspeed = "deepspeed" in (strategy if isinstance(strategy, str) else type(strategy).__name__.lower())
     return dict(
+        plugins=[] if deepspeed else [AtomicCheckpointIO()],
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=resolve_strategy(t.strategy),
+        strategy=strategy,
         precision=t.precision,
         max_epochs=stage.epochs if stage.max_steps is None else -1,
         max_steps=stage.max_steps or -1,
@@ -180,46 +230,50 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     )
 
 
+def _log_version(stage_dir: Path) -> str:
+    """``logs/`` for a stage's first run; ``logs/resume-<k>/`` when it is resumed, so earlier logs stay."""
+    if not (stage_dir / "logs").exists():
+        return ""
+    k = 1
+    while (stage_dir / "logs" / f"resume-{k}").exists():
+        k += 1
+    return f"resume-{k}"
+
+
 def _stage_dir(run_dir: Path, i: int, kind: str) -> Path:
     return run_dir / "stages" / f"{i}-{kind}"
 
 
 def _save_stage(ctx: RunContext, i: int, stage_dir: Path) -> None:
-    from safetensors.torch import save_file
-
     if not is_global_zero():
         return
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in ctx.model.state_dict().items()}
-    save_file(state, str(stage_dir / "model.safetensors"))
-    if ctx.dense is not None and not (ctx.run_dir / "stages" / "dense.safetensors").exists():
-        save_file({k: v.detach().cpu().contiguous() for k, v in ctx.dense.state_dict().items()},
-                  str(ctx.run_dir / "stages" / "dense.safetensors"))
+    files.write_with(stage_dir / "model.safetensors", lambda tmp: files.save_safetensors(state, tmp))
+    dense_path = ctx.run_dir / "stages" / "dense.safetensors"
+    if ctx.dense is not None and not dense_path.exists():
+        dense = {k: v.detach().cpu().contiguous() for k, v in ctx.dense.state_dict().items()}
+        files.write_with(dense_path, lambda tmp: files.save_safetensors(dense, tmp))
     info = {
         "stage": i,
         "pruners": [{"spec": p.spec(), "stage": p._stage, "state": p.state_dict()} for p in ctx.pruners],
         "metrics": ctx.metrics,
     }
-    (stage_dir / DONE).write_text(json.dumps(info, indent=2))
+    files.write_text(stage_dir / DONE, json.dumps(info, indent=2))  # last: the stage counts as done once it exists
 
 
-def _teacher(ctx: RunContext, stage) -> nn.Module:
-    cfg = stage.distill
-    if cfg.teacher == "dense":
-        if ctx.dense is None:
-            raise CompressError("distill: teacher 'dense' needs a prune stage before the distill stage")
-        return ctx.dense
-    from compress.models import build_model
-    from compress.recipe import ModelConfig
-
-    return build_model(ModelConfig(name=cfg.teacher, pretrained=cfg.checkpoint is None, checkpoint=cfg.checkpoint))
+def _teacher(ctx: RunContext, i: int, stage) -> nn.Module:
+    if stage.distill.teacher != "dense":
+        return ctx.teachers[i]
+    if ctx.dense is None:
+        raise CompressError("distill: teacher 'dense' needs a prune stage before the distill stage")
+    return ctx.dense
 
 
 def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -> None:
     import lightning.pytorch as pl
 
     from compress.pruners.base import build_pruner
-    from compress.tasks.classification import ClassificationTask
 
     stage_dir = _stage_dir(ctx.run_dir, i, stage.kind)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +281,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         if ctx.dense is None:
             ctx.dense = copy.deepcopy(ctx.model).eval()
             if ctx.recipe.evaluate.enabled and is_global_zero():  # other DDP ranks would only repeat it
-                ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense)
+                ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense, "evaluate dense")
                 _log(f"dense: {_fmt(ctx.metrics['dense'])}")
         if not any(p._stage == i for p in ctx.pruners):
             pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
@@ -238,8 +292,9 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
             ctx.pruners.append(pruner)
             _log(f"stage {i} ({stage.kind}): attached {pruner!r}")
     if stage.trains:
-        teacher = _teacher(ctx, stage) if stage.kind == "distill" else None
-        task = ClassificationTask(ctx.model, ctx.source.num_classes, stage, teacher=teacher)
+        teacher = _teacher(ctx, i, stage) if stage.kind == "distill" else None
+        module = ctx.task.module(ctx.model, stage, teacher=teacher)
+        module.pruners = ctx.pruners
         callbacks = [cb for p in ctx.pruners for cb in p.callbacks()]
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
         kwargs["callbacks"] = kwargs["callbacks"] + callbacks
@@ -247,10 +302,11 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
         _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
         ctx.model.train()
-        trainer.fit(task, train_dataloaders=train, ckpt_path=ckpt_path)
+        with ctx.signals.training(trainer):
+            trainer.fit(module, train_dataloaders=train, ckpt_path=ckpt_path)
     ctx.model.eval()
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
-        ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model)
+        ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model, f"evaluate after stage {i}")
     _save_stage(ctx, i, stage_dir)
 
 
@@ -282,15 +338,15 @@ def _device(recipe: Recipe) -> str:
     return "cpu"
 
 
-def evaluate_model(ctx: RunContext, model: nn.Module) -> Dict[str, Any]:
-    from compress.tasks.classification import evaluate
-
+def evaluate_model(ctx: RunContext, model: nn.Module, label: str = "evaluate") -> Dict[str, Any]:
     ds = ctx.source.dataset(ctx.recipe.evaluate.split, model, train=False)
-    return evaluate(model, make_loader(ctx.recipe, ds, train=False), ctx.source.num_classes, _device(ctx.recipe))
+    return ctx.task.evaluate(model, make_loader(ctx.recipe, ds, train=False), _device(ctx.recipe), label)
 
 
 def new_run_dir(recipe: Recipe, out: Optional[Path]) -> Path:
-    base = Path(out) if out is not None else Path("runs") / recipe.name
+    """``<out>/<recipe name>/<stamp>`` (``out`` defaults to ``runs``), checked writable before any work."""
+    base = (Path(out) if out is not None else Path("runs")) / recipe.name
+    check_writable_dir(base, "--out" if out is not None else "run directory")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = base / stamp
     n = 1
@@ -300,10 +356,41 @@ def new_run_dir(recipe: Recipe, out: Optional[Path]) -> Path:
     return run_dir
 
 
-def _restore(ctx: RunContext) -> int:
-    """Restore the last completed stage of ``ctx.run_dir``; return the index of the next stage."""
+def check_writable_dir(path: Path, where: str) -> None:
+    """``path`` can be created (or is a folder) and written in: its nearest existing ancestor must be a
+    writable folder, not a file."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CompressError(f"{where}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompressError(f"{where}: cannot write in {existing} (permission denied)")
+
+
+def _read_done(path: Path) -> Dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompressError(f"--resume: {path} is damaged ({type(e).__name__}); delete that stage folder to run "
+                            "the stage again") from None
+    if not isinstance(info, dict) or not isinstance(info.get("pruners"), list):
+        raise CompressError(f"--resume: {path} is not a stage record of compress; delete that stage folder")
+    return info
+
+
+def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CompressError(f"--resume: {path} is damaged ({e}); delete that stage folder to run the stage again") from None
+
+
+def _restore(ctx: RunContext) -> int:
+    """Restore the last completed stage of ``ctx.run_dir``; return the index of the next stage."""
     from compress.models.build import build_from_spec, load_weights, model_spec
     from compress.pruners.base import build_pruner
 
@@ -311,11 +398,11 @@ def _restore(ctx: RunContext) -> int:
     if not done:
         return 0
     last, stage_dir = done[-1]
-    info = json.loads((stage_dir / DONE).read_text())
+    info = _read_done(stage_dir / DONE)
     dense_path = ctx.run_dir / "stages" / "dense.safetensors"
     if dense_path.exists():
         ctx.dense = build_from_spec(model_spec(ctx.recipe.model.name, ctx.recipe.model.kwargs))
-        load_weights(ctx.dense, load_file(str(dense_path)), str(dense_path))
+        load_weights(ctx.dense, _read_weights(dense_path), str(dense_path))
         ctx.dense.eval()
     for k, entry in enumerate(info["pruners"]):
         pruner = build_pruner(entry["spec"], where=f"pruners[{k}]")
@@ -323,43 +410,63 @@ def _restore(ctx: RunContext) -> int:
         pruner.attach(ctx.model)
         pruner.load_state_dict(entry.get("state", {}))
         ctx.pruners.append(pruner)
-    load_weights(ctx.model, load_file(str(stage_dir / "model.safetensors")), str(stage_dir / "model.safetensors"))
+    weights = stage_dir / "model.safetensors"
+    load_weights(ctx.model, _read_weights(weights), str(weights))
     ctx.metrics = info.get("metrics", {})
     _log(f"resuming after stage {last} ({stage_dir.name})")
     return last + 1
 
 
+def _resume_recipe(run_dir: Path, where: str = "--resume") -> Recipe:
+    from compress.recipe import read_yaml
+
+    if not run_dir.is_dir() or not (run_dir / "recipe.yaml").is_file():
+        raise CompressError(f"{where}: {run_dir} is not a run directory (no recipe.yaml)")
+    path = run_dir / "recipe.yaml"
+    return recipe_from_dict(read_yaml(path), str(path))
+
+
 def fit(recipe_path=None, overrides=None, out=None, resume=None) -> Dict[str, Any]:
-    """Run a recipe end to end; returns the metrics that also go to ``metrics.json``."""
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "recipe.yaml").is_file():
-            raise CompressError(f"--resume: {run_dir} is not a run directory (no recipe.yaml)")
-        import yaml
+    """Run a recipe end to end; returns the metrics that also go to ``metrics.json``.
 
-        recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
-    else:
-        recipe = load_recipe(recipe_path, overrides)
-        joined = os.environ.get(RUN_DIR_ENV) if not is_global_zero() else None
-        run_dir = Path(joined) if joined else new_run_dir(recipe, out)
-    ctx = prepare(recipe, run_dir)
-    created = not run_dir.exists()
-    try:
-        if is_global_zero():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-            os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning launches
-            _log(f"run directory: {run_dir}")
-        first = _restore(ctx) if resume is not None else 0
-        for i in range(first, len(recipe.stages)):
-            stage = recipe.stages[i]
-            last_ckpt = _stage_dir(run_dir, i, stage.kind) / "checkpoints" / "last.ckpt"
-            run_stage(ctx, i, stage, ckpt_path=str(last_ckpt) if resume is not None and last_ckpt.exists() else None)
-    except CompressError:
-        # Remove a run that produced nothing; keep completed stages so --resume can continue.
-        if created and resume is None and not any((run_dir / "stages").glob(f"*/{DONE}")):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    from compress.report import finish
+    A stop signal raises ``Interrupted`` (with ``run_dir`` set) after keeping a resumable state; a failure
+    before any stage completed removes the run directory, so a failed run leaves nothing behind."""
+    signals = StopSignals()
+    with signals.installed():
+        if resume is not None:
+            run_dir = Path(resume)
+            recipe = _resume_recipe(run_dir)
+        else:
+            recipe = load_recipe(recipe_path, overrides)
+            joined = os.environ.get(RUN_DIR_ENV) if not is_global_zero() else None
+            run_dir = Path(joined) if joined else new_run_dir(recipe, out)
+        ctx = prepare(recipe, run_dir)
+        ctx.signals = signals
+        created = not run_dir.exists()
+        try:
+            if is_global_zero():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if resume is not None:
+                    files.sweep_temporaries(run_dir)  # what a killed writer left
+                else:
+                    files.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+                os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning launches
+                _log(f"run directory: {run_dir}")
+            first = _restore(ctx) if resume is not None else 0
+            for i in range(first, len(recipe.stages)):
+                stage = recipe.stages[i]
+                last_ckpt = _stage_dir(run_dir, i, stage.kind) / "checkpoints" / "last.ckpt"
+                if resume is not None and last_ckpt.exists():
+                    _log(f"stage {i} ({stage.kind}): continuing from {last_ckpt}")
+                run_stage(ctx, i, stage, ckpt_path=str(last_ckpt) if resume is not None and last_ckpt.exists() else None)
+            from compress.report import finish
 
-    return finish(ctx)
+            return finish(ctx)
+        except Interrupted as e:
+            e.run_dir = run_dir if run_dir.is_dir() else None
+            raise
+        except (CompressError, OSError):
+            # Remove a run that produced nothing; keep completed stages so --resume can continue.
+            if created and resume is None and not any((run_dir / "stages").glob(f"*/{DONE}")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise

@@ -53,3 +53,10 @@ def tiny_vit():
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
                              num_classes=10).eval()
+
+
+def only_run(out: Path) -> Path:
+    """The one run directory ``compress fit --out OUT`` made (``OUT/<recipe name>/<stamp>``)."""
+    runs = [p for p in out.glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]

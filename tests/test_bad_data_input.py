@@ -273,7 +273,7 @@ CASES = [
          ["compress.json", "model: required key"]),
     # eval: the data
     Case("eval-class-count-differs", lambda tmp, ex: evaluate(ex[10], f"imagenet:{image_folder(tmp / 'in', GOOD)}"),
-         ["--data", "imagenet:{tmp}/in has 1000 classes", "export", "predicts 10"]),
+         ["--data", "vit10 on imagenet", "model has 10 classes but the data has 1000"]),
     Case("eval-data-root-is-a-file", lambda tmp, ex: evaluate(ex[1000], f"imagenet:{a_file(tmp)}"),
          ["data.root", "{tmp}/data.txt is a file, expected a folder"]),
     Case("eval-data-root-missing", lambda tmp, ex: evaluate(ex[1000], f"imagenet:{tmp / 'none'}"),

@@ -12,18 +12,24 @@ from compress.cli import main
 from conftest import QUICKSTART, REPO
 
 
-def check_fit_error(capsys, tmp_path, args, *needles):
-    """Run ``compress fit`` in-process; assert code 2, one stderr line naming the problem, no run dir."""
-    out = tmp_path / "runs"
-    code = main(["fit", "--out", str(out), *args])
+def check_error(capsys, command, args, *needles):
+    """Run ``compress <command>`` in-process; assert code 2 and one stderr line holding every needle."""
+    code = main([command, *args])
     captured = capsys.readouterr()
     assert code == 2, captured
     lines = captured.err.splitlines()
     assert len(lines) == 1, captured.err
     line = lines[0]
-    assert line.startswith("compress fit: error: "), line
+    assert line.startswith(f"compress {command}: error: "), line
     for needle in needles:
         assert needle in line, line
+    return line
+
+
+def check_fit_error(capsys, tmp_path, args, *needles):
+    """``check_error`` for ``compress fit``, and no run dir."""
+    out = tmp_path / "runs"
+    line = check_error(capsys, "fit", ["--out", str(out), *args], *needles)
     assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
     return line
 

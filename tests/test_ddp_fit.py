@@ -46,7 +46,7 @@ def test_two_rank_ddp_fit_writes_one_run_and_a_pruned_export(tmp_path, pruner):
     proc = subprocess.run(cmd + ["fit", "--recipe", str(path), "--out", str(tmp_path / "runs")], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    runs = [p for p in (tmp_path / "runs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1, f"each rank made its own run directory: {runs}"
     assert proc.stdout.count("exported to") == 1  # rank 0 only
     model = compress.load(runs[0] / "export")

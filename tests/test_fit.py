@@ -14,7 +14,7 @@ from compress.data.quickstart import render_shapes
 from compress.recipe import load_recipe
 from compress.run import fit
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, only_run
 
 DEPTH = 4
 OVERRIDES = [
@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     """(metrics returned by fit, run directory) of one tiny quickstart run, shared by this module."""
     out = tmp_path_factory.mktemp("runs")
     metrics = fit(QUICKSTART, OVERRIDES, out=out)
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    run_dir = only_run(out)
     return metrics, run_dir
 
 
@@ -246,7 +246,7 @@ def test_schedule_search_runs_in_the_prune_stage_and_its_result_is_exported(tmp_
                   out=tmp_path)
     found = metrics["calibration"]["stages[0].pruner"]
     assert found["images"] == 16 and found["split"] == "val" and found["kl"] <= found["default_kl"]
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run_dir = only_run(tmp_path)
     (entry,) = json.loads((run_dir / "export" / "compress.json").read_text())["pruners"]
     spec = entry["spec"]
     assert spec["search"] is None and spec["schedule"]  # reloads without searching again

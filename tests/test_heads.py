@@ -15,6 +15,7 @@ from compress.errors import CompressError
 from compress.measure import count_gmacs, count_params
 from compress.models.build import model_spec
 from compress.pruners.base import build_pruner
+from conftest import only_run
 
 BASE = dict(img_size=32, patch_size=8, depth=3, num_classes=10)
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -168,7 +169,7 @@ def test_fit_prunes_while_training_then_distills_and_exports(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     metrics = fit(path, out=tmp_path / "runs")
-    (run_dir,) = list((tmp_path / "runs").iterdir())
+    run_dir = only_run(tmp_path / "runs")
     # the loss stayed finite through the prune events (steps 2 and 4) and the distill stage
     import csv
 
@@ -214,7 +215,7 @@ def test_a_prune_stage_without_training_is_measured_as_exported(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     metrics = fit(path, out=tmp_path / "runs")
-    (run_dir,) = list((tmp_path / "runs").iterdir())
+    run_dir = only_run(tmp_path / "runs")
     loaded = compress.load(run_dir / "export")
     assert metrics["bench"]["pruned"]["params"] == count_params(loaded)
     assert metrics["bench"]["ratios"]["gmacs"] < 0.65

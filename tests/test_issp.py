@@ -12,6 +12,7 @@ import yaml
 
 from compress.pruners.base import build_pruner
 from compress.pruners.weight import masks as M
+from conftest import only_run
 
 
 def naive_pruned(weight: torch.Tensor, p: float, cap: float = 0.995) -> set:
@@ -164,7 +165,7 @@ def fit_and_check_export(tmp_path, pruner: dict, prune_steps: int, sparsity: flo
     from compress.run import fit
 
     metrics = fit(tiny_recipe(tmp_path, pruner, prune_steps), out=tmp_path / "runs")
-    export = next((tmp_path / "runs").iterdir()) / "export"
+    export = only_run(tmp_path / "runs") / "export"
     loaded = compress.load(export)
     final = load_file(str(export.parent / "stages" / "1-finetune" / "model.safetensors"))
     assert all(torch.equal(final[k], v) for k, v in loaded.state_dict().items())

@@ -273,7 +273,7 @@ def test_missing_file_and_invalid_yaml(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: [unclosed\n")
-    with pytest.raises(CompressError, match=r"bad\.yaml: line \d+ invalid YAML"):
+    with pytest.raises(CompressError, match=r"bad\.yaml:3: invalid YAML"):
         load_recipe(bad)
 
 

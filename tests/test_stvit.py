@@ -19,7 +19,7 @@ from compress.pruners.base import build_pruner
 from compress.registry import PRUNERS
 from vit_zoo import DIST, LS, VIT, assert_unpatched, export_round_trip, images, make
 
-from conftest import RECIPES
+from conftest import RECIPES, only_run
 
 SMALL = dict(img_size=64, patch_size=8, depth=4, num_classes=10)
 ZOO = {  # timm families, small random configs: 8x8 patches + prefix tokens
@@ -272,7 +272,7 @@ def test_tiny_fit_trains_the_semantic_tokens_and_exports(tmp_path):
                  "model.kwargs.depth=4", "stages.1.pruner.stgm_block=1", "stages.1.evaluate=false", "stages.2.epochs=0",
                  "stages.2.max_steps=3", "evaluate.bench=false", "trainer.log_every_n_steps=1"]
     metrics = fit(RECIPES / "quickstart_stvit.yaml", overrides, out=tmp_path)
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run_dir = only_run(tmp_path)
     assert set(metrics) >= {"dense", "pruned", "export"}
     pruned = load_file(str(run_dir / "stages" / "1-prune" / "model.safetensors"))["stvit.global_centres"]
     distilled = load_file(str(run_dir / "stages" / "2-distill" / "model.safetensors"))["stvit.global_centres"]

@@ -86,14 +86,6 @@ def limit_dataset(ds: Dataset, limit: Optional[int]) -> Dataset:
     return Subset(ds, idx)
 
 
-def check_classes(model: nn.Module, source: DataSource, model_name: str, data_name: str, key: str = "--data") -> None:
-    """A classifier scored on a dataset with another number of classes fails in the metrics (or, worse,
-    scores silently wrong labels): say so before evaluating."""
-    n = getattr(model, "num_classes", None)
-    if source.task == "classification" and isinstance(n, int) and n != source.num_classes:
-        raise CompressError(f"{key}: {data_name} has {source.num_classes} classes but {model_name} predicts {n}")
-
-
 # -- folders of images ----------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ def model_spec(name: str, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, 
 
 def build_from_spec(spec: Dict[str, Any], pretrained: bool = False) -> nn.Module:
     """Call the builder; arguments it rejects (an unknown name, a negative size) are the user's error at
-    ``model.kwargs``, wherever inside timm they surface. Download errors (OSError) are left to the caller."""
+    ``model.kwargs``, wherever inside timm they surface; weights it cannot fetch are ``model.pretrained``'s."""
     import timm
 
     name, kwargs = spec["name"], dict(spec.get("kwargs") or {})
@@ -34,11 +34,18 @@ def build_from_spec(spec: Dict[str, Any], pretrained: bool = False) -> nn.Module
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise CompressError(f"model.kwargs: {name} does not accept these arguments ({e})") from None
-    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError, IndexError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, AssertionError, ZeroDivisionError, IndexError, KeyError) as e:
+        # Fetching hub weights offline or without network: huggingface_hub's LocalEntryNotFoundError and
+        # OfflineModeIsEnabled, urllib's URLError and requests' errors are all OSErrors; timm raises
+        # RuntimeError for a model without pretrained weights. Anything else is the builder refusing kwargs.
+        if pretrained and (isinstance(e, OSError) or "pretrained" in str(e).lower()):
+            reason = " ".join(str(e).split()).split(". ")[0]  # hub messages go on for sentences
+            raise CompressError(f"model.pretrained: cannot load the pretrained weights of {name} ({type(e).__name__}: "
+                                f"{reason}); set model.checkpoint to a local .pth/.safetensors file instead") from None
         if isinstance(e, OSError):
             raise
         raise CompressError(f"model.kwargs: {name} cannot be built with {kwargs} ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from None
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
 
 
 def read_safetensors(path: Path, what: str) -> Dict[str, torch.Tensor]:
@@ -62,7 +69,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+        if "GLOBAL" in str(e) or "global" in str(e):  # it names Python objects torch will not build (cf. checkpoints.py)
             raise CompressError(f"model.checkpoint: {path} holds pickled Python objects besides tensors (e.g. a whole "
                                 "nn.Module or a training checkpoint); they are not unpickled: save model.state_dict() "
                                 "or a .safetensors file") from None

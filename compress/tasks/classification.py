@@ -1,20 +1,21 @@
 """Image classification as a LightningModule around any timm-style model.
 
-Cross-entropy (optional label smoothing), torchmetrics top-1/top-5, AdamW or SGD with a per-step
-cosine schedule and linear warm-up. With a teacher, the loss adds logit distillation:
-``(1 - alpha) * CE + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``. The teacher is frozen, in
-eval mode and kept out of the module tree, so distributed strategies never wrap or shard it.
-"""
+Cross-entropy (optional label smoothing), torchmetrics top-1/top-5; optimizer, schedule and the
+frozen teacher come from ``StageModule``. With a teacher, the loss adds logit distillation:
+``(1 - alpha) * CE + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
+
+from compress.progress import track
+from compress.registry import register_task
+from compress.tasks.base import Task
+from compress.tasks.module import StageModule
 
 
 def accuracy_metrics(num_classes: int, sync: bool = True) -> torchmetrics.MetricCollection:
@@ -33,32 +34,11 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean") * t * t
 
 
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class ClassificationTask(pl.LightningModule):
+class ClassificationTask(StageModule):
     def __init__(self, model: nn.Module, num_classes: int, stage, teacher: Optional[nn.Module] = None):
-        super().__init__()
-        self.model = model
-        self.stage = stage
+        super().__init__(model, stage, teacher)
         self.train_metrics = accuracy_metrics(num_classes).clone(prefix="train/")
         self.val_metrics = accuracy_metrics(num_classes).clone(prefix="val/")
-        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-
-    @property
-    def teacher(self) -> Optional[nn.Module]:
-        return self._teacher[0] if self._teacher else None
-
-    def forward(self, x):
-        return self.model(x)
-
-    def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -90,37 +70,33 @@ class ClassificationTask(pl.LightningModule):
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
 
-    def configure_optimizers(self):
-        cfg, sched = self.stage.optimizer, self.stage.schedule
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.name == "sgd":
-            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-        else:
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
-        if sched.name == "constant" and not sched.warmup_steps:
-            return opt
-        total = int(self.trainer.estimated_stepping_batches)
-        fn = (lambda s: warmup_cosine(s, total, sched.warmup_steps, sched.min_lr_ratio)) if sched.name == "cosine" else (
-            lambda s: min(1.0, (s + 1) / sched.warmup_steps)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, fn), "interval": "step"}}
-
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, num_classes: int, device: str = "cpu") -> dict:
+def evaluate(model: nn.Module, loader, num_classes: int, device: str = "cpu", label: str = "evaluate") -> dict:
     """Top-1/top-5 (percent) of ``model`` over ``loader`` without a Trainer."""
     dev = torch.device(device)
     metrics = accuracy_metrics(num_classes, sync=False).to(dev)
     model.eval().to(dev)
     n = 0
-    for x, y in loader:
+    for x, y in track(loader, label):
         x, y = x.to(dev), y.to(dev)
         metrics.update(model(x), y)
         n += y.numel()
     out = {k: float(v) * 100 for k, v in metrics.compute().items()}
     out["images"] = n
     return out
+
+
+@register_task("classification")
+class Classification(Task):
+    """Image classification: cross-entropy (+ logit KD), top-1/top-5."""
+
+    name = "classification"
+    columns = (("top1", "top-1 %", ".2f"), ("top5", "top-5 %", ".2f"))
+    primary = "top1"
+
+    def module(self, model: nn.Module, stage, teacher: Optional[nn.Module] = None) -> ClassificationTask:
+        return ClassificationTask(model, self.num_classes, stage, teacher=teacher)
+
+    def evaluate(self, model: nn.Module, loader, device: str = "cpu", label: str = "evaluate") -> dict:
+        return evaluate(model, loader, self.num_classes, device, label)

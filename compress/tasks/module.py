@@ -1,0 +1,73 @@
+"""What every task's LightningModule shares: the model, the stage's optimizer and schedule, the teacher.
+
+The teacher is frozen, in eval mode and kept out of the module tree, so distributed strategies never
+wrap or shard it. Optimizers: AdamW or SGD over two parameter groups (no weight decay on norms,
+biases, position embeddings and class tokens) with a per-step cosine schedule and linear warm-up.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "dist_token")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StageModule(pl.LightningModule):
+    """Base of the tasks' LightningModules; subclasses write ``training_step`` (and validation)."""
+
+    def __init__(self, model: nn.Module, stage, teacher: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self.pruners: list = []  # the run's attached pruners; their state rides in mid-stage checkpoints
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, *args):
+        return self.model(*args)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["compress_pruners"] = [p.state_dict() for p in self.pruners]
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Runs before Lightning loads the weights: a structured pruner that had already shrunk the model
+        when the checkpoint was written shrinks it again, so the weights fit (resume mid-stage)."""
+        for pruner, state in zip(self.pruners, checkpoint.get("compress_pruners", [])):
+            pruner.load_state_dict(state)
+
+    def configure_optimizers(self):
+        cfg, sched = self.stage.optimizer, self.stage.schedule
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.name == "sgd":
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            opt = torch.optim.AdamW(groups, lr=cfg.lr)
+        if sched.name == "constant" and not sched.warmup_steps:
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        fn = (lambda s: warmup_cosine(s, total, sched.warmup_steps, sched.min_lr_ratio)) if sched.name == "cosine" else (
+            lambda s: min(1.0, (s + 1) / sched.warmup_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, fn), "interval": "step"}}

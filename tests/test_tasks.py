@@ -1,0 +1,109 @@
+"""The task layer: a task registered outside the package runs through the same runner, CLI and export.
+
+A toy regression task (predict an image's mean brightness, MSE, metric ``mae``) and its data kind are
+registered here, in the test, the way a new task module would register itself; ``compress fit``,
+``compress eval``, ``compress bench`` and ``compress.load`` must handle it without knowing it.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import compress
+from compress.cli import main
+from compress.data.base import DataSource
+from compress.registry import TASKS, register_dataset, register_task
+from compress.tasks.base import Task
+from compress.tasks.module import StageModule
+
+from conftest import QUICKSTART, only_run
+
+
+class BrightnessModule(StageModule):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.model(x).squeeze(-1), y)
+        self.log("train/loss", loss)
+        return loss
+
+
+@register_task("toy_brightness")
+class Brightness(Task):
+    name = "toy_brightness"
+    columns = (("mae", "MAE", ".4f"),)
+    primary = "mae"
+
+    def module(self, model, stage, teacher=None):
+        return BrightnessModule(model, stage, teacher)
+
+    @torch.inference_mode()
+    def evaluate(self, model, loader, device="cpu", label="evaluate"):
+        err, n = 0.0, 0
+        for x, y in loader:
+            err += (model(x).squeeze(-1) - y).abs().sum().item()
+            n += len(y)
+        return {"mae": err / n, "images": n}
+
+
+@register_dataset("toy_brightness")
+class BrightnessData(DataSource):
+    task = "toy_brightness"
+
+    @property
+    def num_classes(self):
+        return None
+
+    def input_size(self, model):
+        return (3, 32, 32)
+
+    def build(self, split, model, train):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        x = torch.rand(64, 3, 32, 32, generator=g) * torch.rand(64, 1, 1, 1, generator=g)
+        return TensorDataset(x, x.mean(dim=(1, 2, 3)))
+
+
+OVERRIDES = ["data.kind=toy_brightness", "data.params={}", "data.batch_size=16", "model.kwargs.num_classes=1",
+             "model.kwargs.depth=2", "stages.0.epochs=1", "stages.2.epochs=1", "evaluate.batch_size=4",
+             "stages.1.pruner={name: heads, target_gmacs_ratio: 0.7, steps: 1, prune_every: 1}"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["fit", "--recipe", str(QUICKSTART), "--out", str(out), *[a for o in OVERRIDES for a in ("--set", o)]]) == 0
+    return only_run(out)
+
+
+def test_registered_tasks_declare_their_report():
+    for name, cls in TASKS.items():
+        assert cls.name == name and cls.columns and cls.primary in {key for key, _, _ in cls.columns}
+
+
+def test_fit_runs_a_task_the_runner_does_not_know(run, capsys):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["dense"]) == {"mae", "images"} and set(metrics["pruned"]) == {"mae", "images"}
+    assert metrics["bench"]["ratios"]["gmacs"] < 0.9  # the heads pruner shrank the model
+    manifest = json.loads((run / "export" / "compress.json").read_text())
+    assert manifest["task"] == "toy_brightness" and manifest["task_info"] == {"num_classes": None}
+
+
+def test_eval_and_bench_use_the_export_task(run, capsys, tmp_path):
+    export = run / "export"
+    assert main(["eval", "--checkpoint", str(export), "--data", "toy_brightness:", "--json", str(tmp_path / "e.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "MAE" in shown and "top-1" not in shown
+    result = json.loads((tmp_path / "e.json").read_text())
+    model = compress.load(export)
+    ds = BrightnessData(None).dataset("val", model)
+    x, y = ds.tensors
+    assert result["mae"] == pytest.approx((model(x).squeeze(-1) - y).abs().mean().item(), rel=1e-5)
+    assert main(["bench", "--checkpoint", str(export), "--batch-sizes", "2", "--repeats", "3"]) == 0
+    assert "pruned / dense" in capsys.readouterr().out
+
+
+def test_eval_refuses_data_of_another_task(run, capsys):
+    assert main(["eval", "--checkpoint", str(run / "export"), "--data", "quickstart:"]) == 2
+    err = capsys.readouterr().err
+    assert "quickstart is a classification dataset but the export is a toy_brightness model" in err
