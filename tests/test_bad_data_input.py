@@ -279,6 +279,8 @@ CASES = [
     Case("eval-data-root-missing", lambda tmp, ex: evaluate(ex[1000], f"imagenet:{tmp / 'none'}"),
          ["data.root", "folder not found", "{tmp}/none"]),
     Case("eval-split-missing", eval_folder(GOOD, split="train"), ["data.root", "no 'val/' folder"]),
+    Case("eval-data-root-is-the-split", lambda tmp, ex: evaluate(ex[1000], f"imagenet:{image_folder(tmp / 'in', GOOD) / 'val'}"),
+         ["data.root: {tmp}/in/val has no 'val/' folder", "data.root is the folder above it, {tmp}/in"]),
     Case("eval-split-without-class-folders", no_class_folders, ["data.root", "{tmp}/in/val holds no class folders"]),
     Case("eval-split-with-loose-images", loose_images, ["{tmp}/in/val holds no class folders", "1 images directly"]),
     Case("eval-class-folders-without-images", eval_folder({WNIDS[0]: [], WNIDS[1]: []}),
@@ -297,6 +299,13 @@ CASES = [
          ["model.checkpoint", "{tmp}/weights.pth holds pickled Python objects", "not unpickled"]),
     Case("fit-checkpoint-pickle-payload", fit_checkpoint(lambda p: torch.save({"w": Payload(str(p.parent / "pwned"))}, p)),
          ["model.checkpoint", "{tmp}/weights.pth holds pickled Python objects"]),
+    Case("fit-checkpoint-lightning-like", fit_checkpoint(lambda p: torch.save(
+        {"state_dict": tiny_vit(6).state_dict(), "epoch": 1, "hyper_parameters": {"root": Path("/data")}}, p), "last.ckpt"),
+        ["model.checkpoint", "{tmp}/last.ckpt holds pickled Python objects"]),
+    Case("fit-checkpoint-a-tensor", fit_checkpoint(lambda p: torch.save(torch.zeros(3), p)),
+         ["model.checkpoint", "{tmp}/weights.pth holds a Tensor, expected a state_dict of tensors"]),
+    Case("fit-checkpoint-text", fit_checkpoint(lambda p: p.write_text("this is not a checkpoint")),
+         ["model.checkpoint", "cannot read {tmp}/weights.pth as a torch checkpoint"]),
     Case("fit-checkpoint-truncated-pth", fit_checkpoint(truncated_pth),
          ["model.checkpoint", "cannot read {tmp}/weights.pth as a torch checkpoint"]),
     Case("fit-checkpoint-random-safetensors",
@@ -388,7 +397,7 @@ def test_dataset_skips_corrupt_images_across_workers(tmp_path, caplog):
     found = unreadable(ds)
     assert found["unreadable_images"] == 2
     assert found["first_unreadable"] == str(root / "val" / WNIDS[0] / "1.JPEG")
-    assert "truncated" in found["reason"]
+    assert "truncated" in found["unreadable_reason"]
     # item 1 (truncated) became item 2, item 5 (random bytes, the last) wrapped round to item 0
     assert torch.equal(x[1], x[2]) and torch.equal(x[5], x[0])
     assert y.tolist() == [0, 0, 0, 1, 1, 0]  # wnid n01440764 is class 0, n01443537 class 1
@@ -420,9 +429,33 @@ def test_eval_skips_a_corrupt_image_and_reports_it(tmp_path, exports, capsys, ca
     assert main(evaluate(exports[1000], f"imagenet:{root}") + ["--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["unreadable_images"] == 1 and results["first_unreadable"] == str(bad)
-    assert "truncated" in results["reason"]
+    assert "truncated" in results["unreadable_reason"]
     assert results["images"] == 6 and results["top1"] == 100.0
     assert any(str(bad) in r.getMessage() and "skipped 1 unreadable image" in r.getMessage() for r in caplog.records)
+
+
+def test_fit_trains_through_corrupt_images(tmp_path, caplog):
+    """``compress fit`` on folders with a corrupt image in each split trains, evaluates and exports (it
+    crashed mid-training and left files before), and warns naming the bad files."""
+    from conftest import only_run
+
+    root = tmp_path / "in"
+    image_folder(root, {WNIDS[0]: ["png", "random", "jpg"], WNIDS[1]: ["jpg", "png"]}, "train")
+    image_folder(root, {WNIDS[0]: ["jpg", "png"], WNIDS[1]: ["truncated", "png"]}, "val")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"""
+name: tiny
+model: {{name: vit_tiny_patch16_224, kwargs: {{img_size: 32, patch_size: 8, depth: 2, num_classes: 1000}}}}
+data: {{kind: imagenet, root: {root}, batch_size: 2, num_workers: 0}}
+stages: [{{kind: finetune, max_steps: 3}}]
+trainer: {{accelerator: cpu, devices: 1, log_every_n_steps: 1}}
+evaluate: {{bench: false}}
+""")
+    assert main(["fit", "--recipe", str(recipe), "--out", str(tmp_path / "runs")]) == 0
+    run = only_run(tmp_path / "runs")
+    assert compress.load(run / "export") is not None
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(root / "train" / WNIDS[0] / "1.JPEG") in warned and str(root / "val" / WNIDS[1] / "0.JPEG") in warned
 
 
 def test_empty_class_folder_beside_others_is_skipped_with_a_warning(tmp_path, caplog):

@@ -100,13 +100,18 @@ def check_folder(path: Path, key: str = "data.root", expect: str = "a folder") -
     return path
 
 
+def warn(msg: str) -> None:
+    """One ``warning: ...`` line on stderr (through the ``compress`` logger, so tests can see it)."""
+    log.warning(f"warning: {msg}")
+
+
 _WARNED: set = set()
 
 
 def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
-        log.warning(msg)
+        warn(msg)
 
 
 def scan_image_folder(folder: Path, key: str = "data.root") -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -151,6 +156,7 @@ def open_image(path: str):
 
 
 def bad_image_reason(err: Exception) -> str:
+    """The error as a short phrase for a one-line message."""
     from PIL import UnidentifiedImageError
 
     if isinstance(err, UnidentifiedImageError):  # its message repeats the path
@@ -209,41 +215,36 @@ class ImageFiles(Dataset):
         first = not bool(self.bad.any())
         self.bad[j] = True
         if first:
-            log.warning(f"{self.key}: cannot read image {self.samples[j][0]} ({bad_image_reason(err)}); "
-                        "skipping it and any other unreadable image (the next readable one takes its place)")
+            warn(f"{self.key}: cannot read image {self.samples[j][0]} ({bad_image_reason(err)}); "
+                 "skipping it and any other unreadable image (the next readable one takes its place)")
 
     def probe(self, tries: int = 4) -> None:
         """Decode a few images spread over the set: if none can be read, the folder is not what the
         user thinks (placeholders, an unfinished download), and it should fail now, not mid-run."""
         n, count = len(self.samples), min(tries, len(self.samples))
         picks = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
-        reasons = []
-        for j in picks:
-            why = why_unreadable(self.samples[j][0])
-            if why is None:
-                return
-            reasons.append((self.samples[j][0], why))
-        path, why = reasons[0]
-        raise CompressError(f"{self.key}: none of the {len(picks)} images tried could be read as an image, "
-                            f"e.g. {path} ({why})")
+        reasons = [why_unreadable(self.samples[j][0]) for j in picks]
+        if all(reasons):
+            raise CompressError(f"{self.key}: none of the {len(picks)} images tried could be read as an image, "
+                                f"e.g. {self.samples[picks[0]][0]} ({reasons[0]})")
 
 
 def unreadable(ds: Dataset) -> Dict[str, object]:
     """How many images of ``ds`` (an ``ImageFiles``, maybe under ``Subset``s) were skipped as unreadable so
-    far, and the first one with the reason: ``{}`` when none were."""
+    far, and the first of them in the split's order with the reason: ``{}`` when none were."""
     while isinstance(ds, Subset):
         ds = ds.dataset
     bad = getattr(ds, "bad", None)
     if bad is None or not bool(bad.any()):
         return {}
     first = ds.samples[int(bad.nonzero()[0])][0]
-    return {"unreadable_images": int(bad.sum()), "first_unreadable": first, "reason": why_unreadable(first)}
+    return {"unreadable_images": int(bad.sum()), "first_unreadable": first, "unreadable_reason": why_unreadable(first)}
 
 
 def report_unreadable(ds: Dataset) -> Dict[str, object]:
     """``unreadable(ds)``, also said in one warning line (for the end of an evaluation)."""
     found = unreadable(ds)
     if found:
-        log.warning(f"skipped {found['unreadable_images']} unreadable image(s) of {len(ds)}, e.g. "
-                    f"{found['first_unreadable']} ({found['reason']}); each was replaced by the next readable one")
+        warn(f"skipped {found['unreadable_images']} unreadable image(s) of {len(ds)}, e.g. "
+             f"{found['first_unreadable']} ({found['unreadable_reason']}); each was replaced by the next readable one")
     return found

@@ -18,7 +18,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from compress.data.base import DataSource, bad_image_reason, check_folder, image_errors, log
+from compress.data.base import DataSource, bad_image_reason, check_folder, image_errors, warn
 from compress.errors import CompressError
 from compress.registry import register_dataset
 
@@ -82,7 +82,7 @@ def read_images(root: Path) -> List[Tuple[str, object, int]]:
                 add(str(p.relative_to(root)), p.read_bytes, y)
     if bad:
         name, e = bad[0]
-        log.warning(f"data.root: skipped {len(bad)} unreadable image(s) in {root}, e.g. {name} ({bad_image_reason(e)})")
+        warn(f"data.root: skipped {len(bad)} unreadable image(s) in {root}, e.g. {name} ({bad_image_reason(e)})")
     if not items:
         raise CompressError(f"data.root: {root} holds no " + ("readable " if bad else "") + "test/<class>/*.jpg CIFAR-10 images")
     items.sort(key=lambda t: (t[2], t[0]))
