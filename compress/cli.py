@@ -184,11 +184,24 @@ def _os_error(e: OSError) -> str:
     return f"cannot write or read {where}{e.strerror or e}" if e.filename else f"{e.strerror or e}"
 
 
+def _log_warnings() -> None:
+    """compress's own warnings as ``[compress] warning: ...`` lines on stderr (once per process)."""
+    import logging
+
+    log = logging.getLogger("compress")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[compress] %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from compress.interrupts import Interrupted
 
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("COMPRESS_DEBUG")
+    _log_warnings()
     try:
         return COMMANDS[args.command](args)
     except CompressError as e:
@@ -196,6 +209,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"compress {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `compress recipes | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:  # disk full, read-only folder, a file where a folder should be: nothing half-written is left
         if debug:
             raise

@@ -60,6 +60,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
@@ -183,7 +184,7 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from compress.callbacks import EpochLog
+    from compress.callbacks import LineProgress
     from compress.strategies import resolve_strategy
 
     from compress.checkpoints import AtomicCheckpointIO, SaveOnInterrupt
@@ -204,7 +205,7 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
         LearningRateMonitor(logging_interval="step"),
     ]
     if not progress:
-        callbacks.append(EpochLog())
+        callbacks.append(LineProgress(f"stage {stage_dir.name}"))
     strategy = resolve_strategy(t.strategy)
     deepspeed = "deepspeed" in (strategy if isinstance(strategy, str) else type(strategy).__name__.lower())
     return dict(
@@ -292,6 +293,8 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
             ctx.pruners.append(pruner)
             _log(f"stage {i} ({stage.kind}): attached {pruner!r}")
     if stage.trains:
+        train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
+        stage = limited_steps(ctx.recipe, stage, i, len(train))
         teacher = _teacher(ctx, i, stage) if stage.kind == "distill" else None
         module = ctx.task.module(ctx.model, stage, teacher=teacher)
         module.pruners = ctx.pruners
@@ -299,7 +302,6 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
         kwargs["callbacks"] = kwargs["callbacks"] + callbacks
         trainer = pl.Trainer(**kwargs)
-        train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
         _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
         ctx.model.train()
         with ctx.signals.training(trainer):
@@ -308,6 +310,19 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
         ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model, f"evaluate after stage {i}")
     _save_stage(ctx, i, stage_dir)
+
+
+def limited_steps(recipe: Recipe, stage, i: int, batches: int):
+    """With ``data.limit`` (a quick look at a recipe), a step-based stage stops after one pass over the
+    limited data instead of running its full ``max_steps``."""
+    if recipe.data.limit is None or stage.max_steps is None:
+        return stage
+    cap = max(1, batches // recipe.trainer.accumulate_grad_batches)
+    if stage.max_steps <= cap:
+        return stage
+    _log(f"stage {i} ({stage.kind}): data.limit {recipe.data.limit}: {cap} steps (one pass) instead of max_steps "
+         f"{stage.max_steps}")
+    return stage.model_copy(update={"max_steps": cap})
 
 
 def calibrate(ctx: RunContext, pruner, where: str) -> None:

@@ -44,6 +44,10 @@ class StageModule(pl.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
 
+    def epoch_metrics(self) -> dict:
+        """The training metrics of the epoch so far (for progress lines); default none."""
+        return {}
+
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["compress_pruners"] = [p.state_dict() for p in self.pruners]
 
