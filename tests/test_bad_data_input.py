@@ -5,6 +5,7 @@ user's touched, no pickle executed. Plus the one thing that is not an error: cor
 ones are skipped and counted (``compress.data.base``)."""
 import io
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -285,6 +286,8 @@ CASES = [
     Case("eval-split-with-loose-images", loose_images, ["{tmp}/in/val holds no class folders", "1 images directly"]),
     Case("eval-class-folders-without-images", eval_folder({WNIDS[0]: [], WNIDS[1]: []}),
          ["data.root", "none of the 2 class folders of {tmp}/imagenet/val holds images"]),
+    Case("eval-empty-class-and-corrupt-rest", eval_folder({WNIDS[0]: [], WNIDS[1]: ["random"]}),
+         ["data.root", "none of the 1 images tried could be read"]),  # the error alone: no warning line first
     Case("eval-class-folders-not-wnids", eval_folder({"cats": ["png"], "dogs": ["png"]}),
          ["not ImageNet-1k wnids", "'cats'"]),
     Case("eval-every-image-corrupt", eval_folder({WNIDS[0]: ["random", "truncated"], WNIDS[1]: ["random"]}),
@@ -327,6 +330,32 @@ CASES = [
          lambda tmp, ex: fit_imagenet(image_folder(tmp / "in", {WNIDS[0]: ["random"]}, "train")),
          ["data.root", "none of the 1 images tried could be read", "{tmp}/in/train/n01440764/0.JPEG"]),
 ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_compress_logger():
+    """The CLI gives the ``compress`` logger a stderr handler once per process, bound to the sys.stderr of
+    that moment (in pytest, an earlier test's closed capture): each test here starts without one, as each
+    real command does."""
+    logger = logging.getLogger("compress")
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers.clear()
+    yield
+    logger.handlers[:], logger.propagate = saved
+
+
+@pytest.fixture
+def warnings_seen(caplog):
+    """The ``compress`` logger's records (the CLI stops them propagating to the root logger caplog watches)."""
+    logger = logging.getLogger("compress")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def said(caplog, *fragments: str) -> bool:
+    """Whether one warning of the test held all ``fragments``."""
+    return any(all(f in r.getMessage() for f in fragments) for r in caplog.records)
 
 
 def snapshot(root: Path) -> Dict[str, tuple]:
@@ -382,7 +411,7 @@ def test_unreadable_folder_is_named(tmp_path, exports, capsys):
 # -- corrupt images among good ones: skipped and counted ------------------------------------------------------
 
 
-def test_dataset_skips_corrupt_images_across_workers(tmp_path, caplog):
+def test_dataset_skips_corrupt_images_across_workers(tmp_path):
     """Through the dataset API and DataLoader workers: every item comes back, a corrupt file's place is
     taken by the next readable image, and the main process learns the count and the first bad file."""
     from compress.data.base import unreadable
@@ -403,7 +432,7 @@ def test_dataset_skips_corrupt_images_across_workers(tmp_path, caplog):
     assert y.tolist() == [0, 0, 0, 1, 1, 0]  # wnid n01440764 is class 0, n01443537 class 1
 
 
-def test_eval_skips_a_corrupt_image_and_reports_it(tmp_path, exports, capsys, caplog):
+def test_eval_skips_a_corrupt_image_and_reports_it(tmp_path, exports, warnings_seen):
     """``compress eval`` on a folder with a corrupt JPEG among good ones: exit 0, the count and the file in the
     results and a warning, and metrics over good images only: each good image is filed under the class the
     model predicts for it, so top-1 is 100 % unless a slot is scored on something else (the bad file's
@@ -431,10 +460,10 @@ def test_eval_skips_a_corrupt_image_and_reports_it(tmp_path, exports, capsys, ca
     assert results["unreadable_images"] == 1 and results["first_unreadable"] == str(bad)
     assert "truncated" in results["unreadable_reason"]
     assert results["images"] == 6 and results["top1"] == 100.0
-    assert any(str(bad) in r.getMessage() and "skipped 1 unreadable image" in r.getMessage() for r in caplog.records)
+    assert said(warnings_seen, "skipped 1 unreadable image", str(bad))
 
 
-def test_fit_trains_through_corrupt_images(tmp_path, caplog):
+def test_fit_trains_through_corrupt_images(tmp_path, warnings_seen):
     """``compress fit`` on folders with a corrupt image in each split trains, evaluates and exports (it
     crashed mid-training and left files before), and warns naming the bad files."""
     from conftest import only_run
@@ -454,24 +483,23 @@ evaluate: {{bench: false}}
     assert main(["fit", "--recipe", str(recipe), "--out", str(tmp_path / "runs")]) == 0
     run = only_run(tmp_path / "runs")
     assert compress.load(run / "export") is not None
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert str(root / "train" / WNIDS[0] / "1.JPEG") in warned and str(root / "val" / WNIDS[1] / "0.JPEG") in warned
+    assert said(warnings_seen, "cannot read image", str(root / "train" / WNIDS[0] / "1.JPEG"))
+    assert said(warnings_seen, "cannot read image", str(root / "val" / WNIDS[1] / "0.JPEG"))
 
 
-def test_empty_class_folder_beside_others_is_skipped_with_a_warning(tmp_path, caplog):
+def test_empty_class_folder_beside_others_is_skipped_with_a_warning(tmp_path, warnings_seen):
     from compress.data.imagenet import ImageNet
 
     root = image_folder(tmp_path / "in", {WNIDS[0]: ["png"], WNIDS[1]: [], WNIDS[2]: ["jpg"]})
     ds = ImageNet(root).dataset("val", tiny_vit(1000))
     assert [y for _, y in ds.samples] == [0, 2]  # labels stay the wnids' ImageNet indices
-    assert any("1 of the 3 class folders" in r.getMessage() and f"{WNIDS[1]}/" in r.getMessage() for r in caplog.records)
+    assert said(warnings_seen, "1 of the 3 class folders", f"{WNIDS[1]}/")
 
 
-def test_cifar10_skips_a_corrupt_image(tmp_path, caplog):
+def test_cifar10_skips_a_corrupt_image(tmp_path, warnings_seen):
     from compress.data.cifar10 import read_images
 
     root = image_folder(tmp_path / "c", {"cat": ["png", "random", "jpg"], "dog": ["jpg"]}, split="test")
     items = read_images(root)
     assert [name for name, _, _ in items] == ["test/cat/0.JPEG", "test/cat/2.JPEG", "test/dog/0.JPEG"]
-    assert any("skipped 1 unreadable image" in r.getMessage() and "test/cat/1.JPEG" in r.getMessage()
-               for r in caplog.records)
+    assert said(warnings_seen, "skipped 1 unreadable image", "test/cat/1.JPEG")

@@ -1,6 +1,6 @@
 """The dataset protocol: a kind builds train/val datasets for a model from the recipe's ``data``.
 
-Bad data folders, the shared rules (``check_folder``, ``scan_image_folder``, ``ImageFiles``):
+Bad data folders, the shared rules (``check_folder``, ``class_folders``, ``scan_image_folder``, ``ImageFiles``):
 
 - Structural problems fail before anything trains or is written, with one line naming the folder: a
   root that is missing or a file, a folder without read permission, a split with no class folders, a
@@ -101,8 +101,8 @@ def check_folder(path: Path, key: str = "data.root", expect: str = "a folder") -
 
 
 def warn(msg: str) -> None:
-    """One ``warning: ...`` line on stderr (through the ``compress`` logger, so tests can see it)."""
-    log.warning(f"warning: {msg}")
+    """One warning line on stderr, through the ``compress`` logger (the CLI formats it)."""
+    log.warning(msg)
 
 
 _WARNED: set = set()
@@ -114,10 +114,9 @@ def _warn_once(msg: str) -> None:
         warn(msg)
 
 
-def scan_image_folder(folder: Path, key: str = "data.root") -> Tuple[List[str], List[Tuple[str, int]]]:
-    """``folder/<class>/**/<image>`` -> (sorted class names, (path, class index) samples), as torchvision's
-    ImageFolder, but every structural problem is one line naming the folder (see the module docstring).
-    Hidden folders (``.ipynb_checkpoints``) are not classes."""
+def class_folders(folder: Path, key: str = "data.root") -> List[str]:
+    """The sorted class folder names of ``folder`` (a split); hidden ones (``.ipynb_checkpoints``) are not
+    classes. A split without any is one line naming it."""
     check_folder(folder, key)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -128,10 +127,16 @@ def scan_image_folder(folder: Path, key: str = "data.root") -> Tuple[List[str], 
         loose = sum(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries if e.is_file())
         hint = f"; it holds {loose} images directly, put them in one folder per class" if loose else ""
         raise CompressError(f"{key}: {folder} holds no class folders (expected {folder}/<class>/<image>){hint}")
+    return classes
+
+
+def scan_image_folder(folder: Path, classes: Sequence[str], key: str = "data.root") -> List[Tuple[str, int]]:
+    """(path, class index) of every image in ``folder/<class>/**`` for ``classes`` (see ``class_folders``),
+    as torchvision's ImageFolder finds them, after the structural checks of the module docstring. Errors
+    come before the warning about empty class folders, so a failing command prints one line."""
     samples, empty = [], []
     for c, name in enumerate(classes):
-        d = folder / name
-        check_folder(d, key)
+        d = check_folder(folder / name, key)
         found = sorted(os.path.join(r, f) for r, _, files in os.walk(d, followlinks=True)
                        for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         if not found:
@@ -140,10 +145,22 @@ def scan_image_folder(folder: Path, key: str = "data.root") -> Tuple[List[str], 
     if not samples:
         raise CompressError(f"{key}: none of the {len(classes)} class folders of {folder} holds images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
+    probe([p for p, _ in samples], key)
     if empty:
         _warn_once(f"{key}: {len(empty)} of the {len(classes)} class folders of {folder} hold no images "
                    f"(e.g. {empty[0]}/); they have no samples")
-    return classes, samples
+    return samples
+
+
+def probe(paths: Sequence[str], key: str = "data.root", tries: int = 4) -> None:
+    """Decode a few images spread over ``paths``: if none can be read, the folder is not what the user
+    thinks (placeholders, an unfinished download), and it should fail now, not mid-run."""
+    n, count = len(paths), min(tries, len(paths))
+    picks = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
+    reasons = [why_unreadable(paths[j]) for j in picks]
+    if all(reasons):
+        raise CompressError(f"{key}: none of the {len(picks)} images tried could be read as an image, "
+                            f"e.g. {paths[picks[0]]} ({reasons[0]})")
 
 
 def open_image(path: str):
@@ -217,16 +234,6 @@ class ImageFiles(Dataset):
         if first:
             warn(f"{self.key}: cannot read image {self.samples[j][0]} ({bad_image_reason(err)}); "
                  "skipping it and any other unreadable image (the next readable one takes its place)")
-
-    def probe(self, tries: int = 4) -> None:
-        """Decode a few images spread over the set: if none can be read, the folder is not what the
-        user thinks (placeholders, an unfinished download), and it should fail now, not mid-run."""
-        n, count = len(self.samples), min(tries, len(self.samples))
-        picks = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
-        reasons = [why_unreadable(self.samples[j][0]) for j in picks]
-        if all(reasons):
-            raise CompressError(f"{self.key}: none of the {len(picks)} images tried could be read as an image, "
-                                f"e.g. {self.samples[picks[0]][0]} ({reasons[0]})")
 
 
 def unreadable(ds: Dataset) -> Dict[str, object]:

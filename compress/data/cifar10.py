@@ -80,11 +80,12 @@ def read_images(root: Path) -> List[Tuple[str, object, int]]:
             y = _label(str(p))
             if y is not None:
                 add(str(p.relative_to(root)), p.read_bytes, y)
+    if not items:
+        found = f" (e.g. {bad[0][0]}: {bad_image_reason(bad[0][1])})" if bad else ""
+        raise CompressError(f"data.root: {root} holds no readable test/<class>/*.jpg CIFAR-10 images{found}")
     if bad:
         name, e = bad[0]
         warn(f"data.root: skipped {len(bad)} unreadable image(s) in {root}, e.g. {name} ({bad_image_reason(e)})")
-    if not items:
-        raise CompressError(f"data.root: {root} holds no " + ("readable " if bad else "") + "test/<class>/*.jpg CIFAR-10 images")
     items.sort(key=lambda t: (t[2], t[0]))
     _CACHE[key] = items
     return items

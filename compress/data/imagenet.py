@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from compress.data.base import DataSource, ImageFiles, check_folder, scan_image_folder
+from compress.data.base import DataSource, ImageFiles, check_folder, class_folders, scan_image_folder
 from compress.errors import CompressError
 from compress.registry import register_dataset
 
@@ -48,11 +48,10 @@ class ImageNet(DataSource):
         cfg = resolve_data_config({}, model=model)
         cfg["input_size"] = self.input_size(model)
         transform = create_transform(**cfg, is_training=train)
-        classes, samples = scan_image_folder(folder)
+        classes = class_folders(folder)
         index = wnid_index()
         unknown = [c for c in classes if c not in index]
         if unknown:
             raise CompressError(f"data.root: {folder} has folders that are not ImageNet-1k wnids, e.g. {unknown[0]!r}")
-        ds = ImageFiles([(path, index[classes[c]]) for path, c in samples], transform, classes)
-        ds.probe()
-        return ds
+        samples = scan_image_folder(folder, classes)
+        return ImageFiles([(path, index[classes[c]]) for path, c in samples], transform, classes)
