@@ -175,7 +175,10 @@ def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
             cls = PRUNERS.get(spec["name"])
             try:
                 if entry.get("edits"):
-                    cls.apply_edits(model, entry["edits"])
+                    try:
+                        cls.apply_edits(model, entry["edits"])
+                    except CompressError as e:  # "edits: ..." from the pruner -> "pruners[i].edits: ..."
+                        raise CompressError(f"pruners[{i}]" + (f".{e}" if str(e).startswith("edits") else f": {e}")) from e
                 if getattr(cls, "replay_on_load", False):
                     pruner = build_pruner(spec, where=f"pruners[{i}].spec")
                     pruner.attach(model)

@@ -36,8 +36,9 @@ class ImageNet(DataSource):
         root = check_folder(Path(self.root).expanduser(), expect="a folder with train/ and val/ wnid folders")
         d = root / split
         if not d.is_dir():
-            is_split = any((root / w).is_dir() for w in wnid_index())
-            hint = f"; it holds wnid folders itself: data.root is the folder above it, {root.resolve().parent}" if is_split else ""
+            hint = ""
+            if any((root / w).is_dir() for w in wnid_index()):  # the user named the split itself
+                hint = f"; it holds wnid folders itself: data.root is the folder above it, {root.resolve().parent}"
             raise CompressError(f"data.root: {root} has no '{split}/' folder of wnid class folders{hint}")
         return d
 
