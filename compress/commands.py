@@ -23,6 +23,7 @@ def _input_size(model, manifest: Optional[Dict[str, Any]] = None) -> tuple:
 def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
                     device: str) -> Dict[str, Any]:
     from compress import measure
+    from compress.data.base import report_unreadable
     from compress.export import load
     from compress.registry import DATASETS
     from compress.tasks.base import Task
@@ -44,6 +45,7 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=data_workers(workers))
     results = task.evaluate(model, loader, device)
+    results.update(report_unreadable(ds))
     size = _input_size(model, manifest)
     results.update(gmacs=measure.count_gmacs(model, task.example(size, 1, device)), params=measure.count_params(model))
     results.update(measure.throughput(model, task.example(size, min(batch_size, 32), device)))

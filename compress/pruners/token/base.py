@@ -17,7 +17,7 @@ class TokenPruner(Pruner, tokens.TokenPolicy):
         """Turn the config (schedule or budget) into per-layer decisions for this model."""
 
     def attach(self, model: nn.Module) -> None:
-        self.geometry = tokens.vit_geometry(model)
+        self.geometry = tokens.vit_geometry(model, f"pruner {self.name!r}")
         self.plan(self.geometry)
         tokens.patch(model, self)
 
