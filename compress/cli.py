@@ -188,9 +188,20 @@ def _log_warnings() -> None:
     """compress's own warnings as ``[compress] warning: ...`` lines on stderr (once per process)."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is now (tests and tools swap it), not as it was at set-up."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
     log = logging.getLogger("compress")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("[compress] %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
@@ -207,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CompressError as e:
         if debug:
             raise
-        print(f"compress {args.command}: error: {e}", file=sys.stderr)
+        print(f"compress {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except BrokenPipeError:  # `compress recipes | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -31,7 +31,10 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
     if ":" not in data:
         raise CompressError(f"--data: expected KIND:ROOT (e.g. imagenet:/data/imagenet), got {data!r}")
     kind, root = data.split(":", 1)
-    cls = DATASETS.get(kind)
+    try:
+        cls = DATASETS.get(kind)
+    except CompressError as e:
+        raise CompressError(f"--data: {e}") from None
     model = load(checkpoint)
     manifest = model._compress_manifest
     source = cls(Path(root) if root else None, cls.Config(), limit)
@@ -80,8 +83,12 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     pruners = []
     for i, stage in enumerate(recipe.stages):
         if stage.pruner is not None:
-            pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
-            pruner.attach(pruned)
+            where = f"stages[{i}].pruner"
+            pruner = build_pruner(stage.pruner.model_dump(), where=where)
+            try:
+                pruner.attach(pruned)
+            except (CompressError, ValueError) as e:
+                raise CompressError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
             pruner.finalize(pruned)
             pruners.append(pruner)
     return dense, pruned, tuple(source.input_size(dense)), pruners, Task.for_source(source)

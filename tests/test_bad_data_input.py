@@ -335,18 +335,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_compress_logger():
-    """The CLI gives the ``compress`` logger a stderr handler once per process, bound to the sys.stderr of
-    that moment (in pytest, an earlier test's closed capture): each test here starts without one, as each
-    real command does."""
-    logger = logging.getLogger("compress")
-    saved = logger.handlers[:], logger.propagate
-    logger.handlers.clear()
-    yield
-    logger.handlers[:], logger.propagate = saved
-
-
 @pytest.fixture
 def warnings_seen(caplog):
     """The ``compress`` logger's records (the CLI stops them propagating to the root logger caplog watches)."""
