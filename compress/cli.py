@@ -214,6 +214,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = args.debug or os.environ.get("COMPRESS_DEBUG")
     _log_warnings()
     try:
+        if args.command in ("fit", "eval", "bench"):
+            from compress.measure import pin_threads
+
+            pin_threads()
         return COMMANDS[args.command](args)
     except CompressError as e:
         if debug:
