@@ -81,6 +81,19 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return F.silu(conv(x)[..., : x.shape[-1]])
 
 
+def scaled_decay_scan(u, delta, A, B, C, D, z, delta_bias, scale: torch.Tensor) -> torch.Tensor:
+    """Mamba's gated scan with each step's decay exponent multiplied by ``scale`` (B, L):
+    h_t = exp(s_t * delta_t * A) h_{t-1} + delta_t B_t u_t;  y_t = (C_t h_t + D u_t) * silu(z_t), delta after softplus.
+
+    Done with the unmodified scan op (so the mamba-ssm kernel still applies): scan u / s with delta * s, whose
+    input term delta * s * B * u / s is unchanged, then add D*u and the gate outside.
+    """
+    s = scale.to(torch.float32)[:, None, :]
+    delta = F.softplus(delta.float() + delta_bias.float()[None, :, None]) * s
+    y = selective_scan((u / s).contiguous(), delta.contiguous(), A, B, C, None, None, None, False)
+    return ((y + u * D[None, :, None]) * F.silu(z)).to(u.dtype)
+
+
 class BiMamba(nn.Module):
     """Mamba mixer, bimamba v2: shared in/out projections, a forward and a flipped scan with their own parameters.
 
@@ -133,11 +146,7 @@ class BiMamba(nn.Module):
         if scale is None:
             return selective_scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(),
                                   dt_proj.bias.float(), True)
-        # decay exponent scaled, input term unchanged: scan (u / s) with delta * s, add D*u and the gate outside
-        s = scale.to(delta.dtype)[:, None, :]
-        delta = F.softplus(delta.float() + dt_proj.bias.float()[None, :, None]) * s
-        y = selective_scan((x / s).contiguous(), delta.contiguous(), A, Bm, Cm, None, None, None, False)
-        return ((y + x * D[None, :, None]) * F.silu(z)).to(x.dtype)
+        return scaled_decay_scan(x, delta, A, Bm, Cm, D, z, dt_proj.bias, scale)
 
     def forward(self, hidden: torch.Tensor, decay_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 return_scan: bool = False):
