@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from compress.errors import CompressError
 from compress.measure import count_gmacs, count_params
 from compress.models.build import build_model
-from compress.models.selective_scan import scan_chunked, scan_macs, scan_reference, selective_scan
+from compress.models import selective_scan as scan_module
+from compress.models.selective_scan import (scan_chunked, scan_chunked_backward, scan_macs, scan_reference,
+                                           selective_scan)
 from compress.models.vim import VisionMamba, layer_macs_per_token, vim_geometry
 from compress.recipe import ModelConfig
 from compress.registry import MODELS
@@ -58,6 +60,23 @@ def test_scan_op_gradients_match_finite_differences():
     u, delta, A, B, C = [t.detach().clone().requires_grad_() for t in inputs[:5]]
     assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, None, None, None, False),
                                     [u, delta.abs().detach().requires_grad_(), A, B, C], atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("keep_states", [True, False])
+@pytest.mark.parametrize("softplus,present", [(True, [1] * 8), (False, [1, 1, 1, 1, 1, 0, 0, 0]),
+                                              (True, [1, 1, 1, 1, 1, 1, 0, 0]), (False, [1, 1, 1, 1, 1, 0, 1, 1])])
+def test_written_out_backward_equals_autograd_through_the_reference(monkeypatch, keep_states, softplus, present):
+    monkeypatch.setattr(scan_module, "KEEP_STATES", 2**30 if keep_states else 0)  # keep states / recompute chunks
+    args = list(scan_inputs(b=2, d=3, L=13, n=4))
+    if not softplus:
+        args[1] = args[1].abs()
+    ins = [a.requires_grad_() if p else None for a, p in zip(args, present)]
+    grad = torch.randn(2, 3, 13, dtype=torch.float64)
+    ref = torch.autograd.grad(scan_reference(*ins, softplus), [t for t in ins if t is not None], grad)
+    got = scan_chunked_backward(grad, *[t.detach() if t is not None else None for t in ins], softplus, chunk=5)
+    assert [g is not None for g in got] == [bool(p) for p in present]
+    for r, g in zip(ref, [g for g in got if g is not None]):
+        assert torch.allclose(r, g, atol=1e-12)
 
 
 def test_flop_counter_counts_the_scan_with_the_documented_formula():

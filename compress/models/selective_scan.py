@@ -11,8 +11,9 @@ Shapes follow ``mamba_ssm.selective_scan_fn``: u, delta, z (B, D, L); A (D, N); 
 Why an op of its own (``torch.library.custom_op``):
 - ``torch.utils.flop_counter`` sees it as one node and uses the MAC formula registered below, instead of
   missing the scan (it is no matmul) or counting the kernel's internals;
-- its backward recomputes the scan with autograd (activation checkpointing of the scan), so a training step
-  keeps no (B, L, D, N) intermediates per layer: only one layer's scan graph is alive at a time.
+- its backward recomputes the scan (activation checkpointing of the scan), so a training step keeps no
+  (B, L, D, N) intermediates per layer. On CPU the backward is written out (``scan_chunked_backward``, a
+  reverse scan, chunked like the forward); on CUDA it recomputes through mamba-ssm's autograd.
 
 The CPU scan (``scan_chunked``) cuts L into chunks of ``CHUNK`` steps: the discretised decay and input of a
 whole chunk are computed at once, the state then runs through the chunk with one fused multiply-add per step
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 
 CHUNK = 64
+KEEP_STATES = 2**24  # the backward keeps all (B, D, L, N) states up to this many elements (64 MB in fp32)
 
 
 def _prepare(delta: torch.Tensor, delta_bias: Optional[torch.Tensor], delta_softplus: bool) -> torch.Tensor:
@@ -82,13 +84,91 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         e = min(s + chunk, L)
         decay = torch.exp(delta[:, :, s:e, None] * A[None, :, None, :])  # (b, d, T, n)
         inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)  # (b, d, T, n)
-        hs = torch.empty_like(decay)
+        hs = []
         for t in range(e - s):
             h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
-            hs[:, :, t] = h
-        ys.append(torch.einsum("bdtn,bnt->bdt", hs, C[:, :, s:e]))
+            hs.append(h)
+        ys.append(torch.einsum("bdtn,bnt->bdt", torch.stack(hs, dim=2), C[:, :, s:e]))
     y = torch.cat(ys, dim=-1)
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
+
+
+def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          chunk: int = CHUNK):
+    """Gradients of ``scan_chunked`` w.r.t. (u, delta, A, B, C, D, z, delta_bias), written out (no autograd graph).
+
+    A forward pass keeps only the state at each chunk start; chunks are then visited in reverse, recomputing their
+    states, and the state gradient runs backwards: gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}. Memory stays
+    (B, D, T, N) per chunk. Autograd through the step loop is ~8x slower than the forward on CPU.
+    """
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, A, B, C, g_out = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), grad.to(dtype)
+    raw = delta.to(dtype)
+    if delta_bias is not None:
+        raw = raw + delta_bias.to(dtype)[None, :, None]
+    dl = F.softplus(raw) if delta_softplus else raw
+    b, d, L = u.shape
+    du = dl * u
+    Dd = D.to(dtype) if D is not None else None
+    starts, kept, h = [], [], u.new_zeros(b, d, A.shape[1])
+    keep_all = b * d * L * A.shape[1] <= KEEP_STATES  # small enough: keep every state instead of recomputing
+    bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+    for s, e in bounds:  # states at chunk starts
+        starts.append(h)
+        decay = torch.exp(dl[:, :, s:e, None] * A[None, :, None, :])
+        inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)
+        hs = []
+        for t in range(e - s):
+            h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
+            hs.append(h)
+        kept.append((decay, torch.stack(hs, dim=2)) if keep_all else None)
+    g_u, g_dl, g_C, g_B = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(C), torch.zeros_like(B)
+    g_z = torch.zeros_like(u) if z is not None else None
+    g_A = torch.zeros_like(A)
+    g_D = torch.zeros_like(Dd) if Dd is not None else None
+    carry = torch.zeros_like(h)  # gradient reaching the last state of the chunk from the chunks after it
+    for (s, e), h0, states in zip(reversed(bounds), reversed(starts), reversed(kept)):
+        if states is not None:
+            decay, H = states
+        else:
+            decay = torch.exp(dl[:, :, s:e, None] * A[None, :, None, :])  # (b, d, T, n)
+            inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)
+            hs, h = [], h0
+            for t in range(e - s):
+                h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
+                hs.append(h)
+            H = torch.stack(hs, dim=2)
+        Hprev = torch.cat([h0[:, :, None], H[:, :, :-1]], dim=2)
+        Cc = C[:, :, s:e]
+        g_y = g_out[:, :, s:e]
+        if z is not None:
+            zc = z[:, :, s:e].to(dtype)
+            y = torch.einsum("bdtn,bnt->bdt", H, Cc)
+            if Dd is not None:
+                y = y + u[:, :, s:e] * Dd[None, :, None]
+            sig = torch.sigmoid(zc)
+            g_z[:, :, s:e] = g_y * y * sig * (1 + zc * (1 - sig))
+            g_y = g_y * zc * sig
+        if Dd is not None:
+            g_u[:, :, s:e] += g_y * Dd[None, :, None]
+            g_D += (g_y * u[:, :, s:e]).sum((0, 2))
+        direct = g_y[..., None] * Cc.transpose(1, 2)[:, None]  # (b, d, T, n): C_t g_t
+        ghs = [None] * (e - s)
+        for t in reversed(range(e - s)):
+            gh = direct[:, :, t] + carry
+            ghs[t] = gh
+            carry = decay[:, :, t] * gh
+        GH = torch.stack(ghs, dim=2)
+        g_C[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", H, g_y)
+        g_B[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", GH, du[:, :, s:e])
+        g_du = torch.einsum("bdtn,bnt->bdt", GH, B[:, :, s:e])
+        g_lin = GH * Hprev * decay  # gradient of delta*A, through exp
+        g_A += torch.einsum("bdtn,bdt->dn", g_lin, dl[:, :, s:e])
+        g_dl[:, :, s:e] = torch.einsum("bdtn,dn->bdt", g_lin, A) + g_du * u[:, :, s:e]
+        g_u[:, :, s:e] += g_du * dl[:, :, s:e]
+    g_raw = g_dl * torch.sigmoid(raw) if delta_softplus else g_dl
+    g_bias = g_raw.sum((0, 2)) if delta_bias is not None else None
+    return g_u, g_raw, g_A, g_B, g_C, g_D, g_z, g_bias
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,11 +220,16 @@ def _backward(ctx, grad):
     grads = [None] * 9
     if not wanted:
         return tuple(grads)
-    with torch.enable_grad():  # recompute: nothing of the forward's inner graph was kept
-        out = _scan_autograd(*leaves, ctx.delta_softplus).to(grad.dtype)
-        found = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
-    for i, g in zip(wanted, found):
-        grads[i] = g
+    if saved[0].is_cuda and cuda_scan() is not None:
+        with torch.enable_grad():  # recompute with the kernel: nothing of the forward's inner graph was kept
+            out = _scan_autograd(*leaves, ctx.delta_softplus).to(grad.dtype)
+            found = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+        return tuple(grads)
+    found = scan_chunked_backward(grad, *saved, ctx.delta_softplus)
+    for i in wanted:
+        grads[i] = found[i].to(saved[i].dtype)
     return tuple(grads)
 
 
