@@ -140,6 +140,9 @@ def test_gmacs_fall_as_planned():
     assert p.expected_macs_ratio() == pytest.approx(0.6, abs=0.02)
     assert pruned / dense == pytest.approx(p.expected_macs_ratio(), abs=0.03)  # + patch embed, head, conv padding
     assert pruned < 0.7 * dense
+    naive = vim()
+    attach(naive, target_gmacs_ratio=0.6, prune_layers=[1, 2], align=False)
+    assert count_gmacs(naive, x) == pytest.approx(pruned, rel=1e-12)  # alignment is elementwise: same count
 
 
 def test_alignment_and_random_dropping_change_the_output_but_not_the_token_counts():

@@ -83,10 +83,10 @@ def test_flop_counter_counts_the_scan_with_the_documented_formula():
     u, delta, A, B, C, D, z, bias = [t.float() for t in scan_inputs(b=3, d=6, L=17, n=5)]
     with FlopCounterMode(display=False) as fc:
         selective_scan(u, delta, A, B, C, D, z, bias, True)
-    assert fc.get_total_flops() == 2 * 3 * 6 * 17 * (4 * 5 + 2)  # FLOPs = 2 x MACs, 4N + D + gate per (b, d, l)
+    assert fc.get_total_flops() == 2 * 3 * 6 * 17 * 4 * 5  # FLOPs = 2 x MACs, 4 MACs per (b, d, l, n)
     with FlopCounterMode(display=False) as fc:
-        selective_scan(u, delta, A, B, C, None, None, None, False)
-    assert fc.get_total_flops() == 2 * scan_macs(3, 6, 17, 5, False, False) == 2 * 3 * 6 * 17 * 20
+        selective_scan(u, delta, A, B, C, None, None, None, False)  # D and the gate are elementwise: not counted
+    assert fc.get_total_flops() == 2 * scan_macs(3, 6, 17, 5) == 2 * 3 * 6 * 17 * 20
 
 
 @pytest.mark.parametrize("img_size", [32, 48])
@@ -104,7 +104,7 @@ def test_model_gmacs_are_the_analytic_count_and_grow_with_tokens(img_size):
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(torch.randn(1, 3, img_size, img_size))
     scan = fc.get_flop_counts()["Global"][torch.ops.compress.selective_scan]
-    assert scan == 2 * g["depth"] * 2 * scan_macs(1, g["d_inner"], tokens, g["d_state"], True, True)
+    assert scan == 2 * g["depth"] * 2 * scan_macs(1, g["d_inner"], tokens, g["d_state"])
 
 
 # ---- checkpoints in hustvl/Vim's layout -------------------------------------------------------------------------

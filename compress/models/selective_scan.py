@@ -239,18 +239,19 @@ selective_scan.register_autograd(_backward, setup_context=_setup_context)
 # ---- counting ---------------------------------------------------------------------------------------------------
 
 
-def scan_macs(batch: int, channels: int, length: int, state: int, with_d: bool, with_z: bool) -> int:
-    """MACs of one scan: 4 per (b, l, d, n) element + 1 per (b, l, d) for each of D and z.
+def scan_macs(batch: int, channels: int, length: int, state: int) -> int:
+    """MACs of one scan: 4 per (b, l, d, n) state element.
 
-    Per state element: delta*A (the discretisation's argument of exp), delta*u*B (the input B-bar*u),
-    the update A-bar*h + B-bar*u, and the readout C*h. Per channel and step: D*u and the silu(z) gate.
-    exp/softplus/silu themselves are not counted, as the FLOP counter counts no elementwise activation.
+    Per state element: delta*A (the discretisation's argument of exp), delta*u*B (the input B-bar*u), the update
+    A-bar*h + B-bar*u, and the readout C*h. Per-channel elementwise work (softplus, exp, D*u, the silu(z) gate) is
+    not counted, as the FLOP counter counts no elementwise op; so a scan with or without D and z, or with
+    ToP-ViM's decay scaling (D and the gate applied outside the op), counts the same.
     """
-    return batch * channels * length * (4 * state + int(with_d) + int(with_z))
+    return batch * channels * length * 4 * state
 
 
 @flop_counter.register_flop_formula(torch.ops.compress.selective_scan)
 def _scan_flop(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape=None, z_shape=None, delta_bias_shape=None,
                delta_softplus=False, *args, out_shape=None, **kwargs) -> int:
     b, d, L = u_shape
-    return 2 * scan_macs(b, d, L, A_shape[1], D_shape is not None, z_shape is not None)  # FLOPs = 2 x MACs
+    return 2 * scan_macs(b, d, L, A_shape[1])  # the counter's FLOPs = 2 x MACs

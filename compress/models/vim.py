@@ -275,7 +275,7 @@ def layer_macs_per_token(g: dict) -> int:
     """MACs of one Vim layer per token (all of its cost is per token): in/out projections, and for each of the two
     directions the depthwise conv, x_proj, dt_proj and the scan (``selective_scan.scan_macs``)."""
     d, e, n, r, k = g["dim"], g["d_inner"], g["d_state"], g["dt_rank"], g["d_conv"]
-    per_direction = e * k + e * (r + 2 * n) + r * e + e * (4 * n + 2)
+    per_direction = e * k + e * (r + 2 * n) + r * e + e * 4 * n
     return d * 2 * e + e * d + 2 * per_direction
 
 
