@@ -21,8 +21,11 @@ After chosen layers (1-based, "after layer l") the patch tokens are ranked and t
   term unchanged. It costs one multiply per token and channel (``BiMamba``'s ``decay_scale``); ``align: false``
   turns it off (naive ViT-style dropping).
 
-Defaults: the released schedule, pruning after layers 10 and 20 of a 24-layer Vim at keep 0.8 (for other depths
-the same relative positions); ``target_gmacs_ratio`` solves one keep ratio for all pruning layers instead.
+Defaults: pruning after layers 10 and 20 of a 24-layer Vim at keep 0.8 (for other depths the same relative
+positions), the schedule issue 13 names as the released one; docs/methods.md §8 reads the released code
+(``layernum % 5 == 0``, 5 <= layernum < 20) as after layers 5, 10 and 15: ``prune_layers: [5, 10, 15]`` gives that.
+``target_gmacs_ratio`` solves one keep ratio for all pruning layers instead. The released code also forces an odd
+token count; here the class token simply goes at index k // 2 of the k kept patches, as Vim places it.
 """
 from __future__ import annotations
 
