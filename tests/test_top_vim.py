@@ -286,3 +286,18 @@ def test_fit_issp_then_top_vim_exports_a_model_that_reloads_identically(tmp_path
         assert torch.equal(loaded(x), ref(x))
     w = loaded.layers[0].mixer.in_proj.weight
     assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_compress_bench_on_a_vim_export_reports_the_pruned_gmacs(tmp_path):
+    import json
+
+    from compress.cli import main
+
+    m = vim()
+    p = attach(m, target_gmacs_ratio=0.6, prune_layers=[1, 2])
+    out = save(m, tmp_path / "export", model_spec("vim_custom", KW), [p], input_size=(3, 32, 32))
+    json_path = tmp_path / "bench.json"
+    assert main(["bench", "--checkpoint", str(out), "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
+                 "--json", str(json_path)]) == 0
+    ratios = json.loads(json_path.read_text())["ratios"]
+    assert ratios["gmacs"] == pytest.approx(0.6, abs=0.05) and ratios["params"] == 1.0
