@@ -130,8 +130,10 @@ class BiMamba(nn.Module):
             setattr(self, "dt_proj" + suffix, dt_proj)
             A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d, 1)
             # hustvl's names: A_log / A_b_log, D / D_b
-            setattr(self, "A_log" if suffix == "" else "A_b_log", nn.Parameter(A_log))
-            setattr(self, "D" + suffix, nn.Parameter(torch.ones(d)))
+            A_log, D = nn.Parameter(A_log), nn.Parameter(torch.ones(d))
+            A_log._no_weight_decay = D._no_weight_decay = True  # as Mamba marks them (the trainer's rule still decays 2-D A_log)
+            setattr(self, "A_log" if suffix == "" else "A_b_log", A_log)
+            setattr(self, "D" + suffix, D)
 
     def _direction(self, xz: torch.Tensor, suffix: str, scale: Optional[torch.Tensor]) -> torch.Tensor:
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
