@@ -17,6 +17,7 @@ from compress.models.vim import VisionMamba, scaled_decay_scan
 from compress.pruners.base import build_pruner
 from compress.pruners.token.top_vim import TopVimVisionMamba, default_layers, gap_scales, select
 from compress.registry import MODELS
+from conftest import only_run
 
 KW = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, d_state=4, num_classes=6)  # 64 patches + class
 
@@ -274,7 +275,7 @@ def test_fit_issp_then_top_vim_exports_a_model_that_reloads_identically(tmp_path
     path.write_text(yaml.safe_dump(recipe))
     metrics = fit(path, out=tmp_path / "runs")
     assert "dense" in metrics
-    export = next((tmp_path / "runs").iterdir()) / "export"
+    export = only_run(tmp_path / "runs") / "export"
     loaded = compress.load(export)
     assert [p.name for p in loaded._compress_pruners] == ["top_vim"]  # the weight pruner's mask is in the weights
     final = load_file(str(export.parent / "stages" / "1-prune" / "model.safetensors"))

@@ -131,7 +131,7 @@ class BiMamba(nn.Module):
             A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d, 1)
             # hustvl's names: A_log / A_b_log, D / D_b
             A_log, D = nn.Parameter(A_log), nn.Parameter(torch.ones(d))
-            A_log._no_weight_decay = D._no_weight_decay = True  # as Mamba marks them (the trainer's rule still decays 2-D A_log)
+            A_log._no_weight_decay = D._no_weight_decay = True  # as Mamba marks them; StageModule honours the flag
             setattr(self, "A_log" if suffix == "" else "A_b_log", A_log)
             setattr(self, "D" + suffix, D)
 
