@@ -103,8 +103,8 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     import lightning.pytorch as pl
 
     from compress.models import build_model
-    from compress.tasks.base import Task
     from compress.recipe import check_trainer
+    from compress.tasks.base import Task
 
     _quiet_lightning()
     check_trainer(recipe.trainer)
@@ -185,9 +185,8 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from compress.callbacks import LineProgress
-    from compress.strategies import resolve_strategy
-
     from compress.checkpoints import AtomicCheckpointIO, SaveOnInterrupt
+    from compress.strategies import resolve_strategy
 
     t = recipe.trainer
     progress = sys.stdout.isatty() if t.enable_progress_bar is None else t.enable_progress_bar
