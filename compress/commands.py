@@ -45,8 +45,9 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=data_workers(workers))
     results = task.evaluate(model, loader, device)
     size = _input_size(model, manifest)
-    results.update(gmacs=measure.count_gmacs(model, task.example(size, 1, device)), params=measure.count_params(model))
-    results.update(measure.throughput(model, task.example(size, min(batch_size, 32), device)))
+    generic = {"gmacs": measure.count_gmacs(model, task.example(size, 1, device)), "params": measure.count_params(model),
+               **measure.throughput(model, task.example(size, min(batch_size, 32), device))}
+    results = {**generic, **results}  # a task that measured these on the real images (per-image GMACs) keeps its own
     results.update(checkpoint=str(checkpoint), data=data, split=split, task=task.name)
     return results
 
@@ -54,8 +55,9 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
 def eval_table(r: Dict[str, Any]) -> str:
     from compress.registry import TASKS
 
-    cols = [*TASKS.get(r.get("task", "classification")).columns, ("images", "images", "d"), ("gmacs", "GMACs", ".4f"),
-            ("params", "params", ",d"), ("images_per_s", "images/s", ".1f")]
+    task = TASKS.get(r.get("task", "classification"))
+    cols = [*task.columns, ("images", "images", "d"), ("gmacs", "GMACs", ".4f"),
+            ("params", "params", ",d"), ("images_per_s", "images/s", ".1f"), *getattr(task, "eval_columns", ())]
     return table({Path(r["checkpoint"]).name: r}, cols)
 
 

@@ -114,7 +114,10 @@ def build_model(cfg) -> nn.Module:
             raise CompressError(f"model.checkpoint: file not found: {path}")
         model = build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=False)
         state = _read_state_dict(path)
-        if cfg.kwargs and cfg.name not in MODELS:
+        adapt = getattr(model, "adapt_checkpoint", None)  # a builder's model may take another layout (a backbone)
+        if adapt is not None:
+            state = adapt(state, str(path))
+        elif cfg.kwargs and cfg.name not in MODELS:
             state = adapt_timm_checkpoint(model, state, str(path), new_classes="num_classes" in cfg.kwargs)
         load_weights(model, state, str(path))
         return model
