@@ -110,6 +110,10 @@ def test_exits_run_later_blocks_on_fewer_tokens_and_cost_less():
     assert counts[0] == 17 and counts[1] < 17 and counts[3] <= counts[2] <= counts[1], counts  # heads after blocks 0, 1
     exited = pruner.last["exit_fraction"]
     assert exited.shape == (1, 2) and 0 < float(exited.sum()) <= 1
+    stage = pruner.last["exit_stage"]  # where each of the 4 x 4 tokens exited (-1: computed to the end)
+    assert stage.shape == (1, 4, 4)
+    assert [int((stage == m).sum()) for m in (0, 1)] == [round(float(f) * 16) for f in exited[0]]
+    assert int((stage == -1).sum()) == counts[-1] - 1  # the tokens still active at the last block, less CLS
     assert count_gmacs(pruned, x) < count_gmacs(dense, x)
 
 

@@ -104,6 +104,7 @@ class _Forward:
     valid: Optional[torch.Tensor] = None  # B x n: real (True) vs padding among the current patch tokens
     maps: List[torch.Tensor] = field(default_factory=list)  # each stage head's full map
     exited: List[torch.Tensor] = field(default_factory=list)  # per stage: B tokens that exited there
+    stage_map: Optional[torch.Tensor] = None  # B x Np: the stage where each token exited, -1 if it never did
 
 
 # ---- the pruner -------------------------------------------------------------------------------------
@@ -170,7 +171,8 @@ class DToP(TokenPruner):
         logits = seg.decode_head(final[:, P:], run.valid)
         full = scatter_tokens(run.canvas, state.index[:, P:] - P, logits, run.valid, Np)
         exited = torch.stack(run.exited, 1).float() / Np  # B x stages
-        self.last = {"exit_fraction": exited.detach().cpu(), "tokens": Np}
+        self.last = {"exit_fraction": exited.detach().cpu(), "tokens": Np, "grid": tuple(grid),
+                     "exit_stage": run.stage_map.view(-1, *grid).cpu()}
         return run.maps + [seg.to_grid(full, grid)]
 
     def enter_block(self, layer: int, x: torch.Tensor, state) -> torch.Tensor:
@@ -187,6 +189,11 @@ class DToP(TokenPruner):
         with torch.no_grad():
             out = exit_mask(logits.detach().float().softmax(-1), active, self.thresholds[m], self.config.top_k)
         run.exited.append(out.sum(1))
+        if run.stage_map is None:
+            run.stage_map = torch.full((x.shape[0], Np), -1, dtype=torch.long, device=x.device)
+        where = torch.where(out, pos, torch.full_like(pos, Np))  # padding and staying tokens go to a spare slot
+        spare = torch.cat([run.stage_map, run.stage_map.new_full((x.shape[0], 1), -1)], 1)
+        run.stage_map = spare.scatter(1, where, torch.full_like(where, m))[:, :Np]
         x, state.index, run.valid = gather_kept(x, state.index, active & ~out, P)
         padded = run.valid is not None and self.config.ragged == "pad"
         state.size = torch.cat([x.new_ones(x.shape[0], P), run.valid.to(x.dtype)], 1) if padded else None
