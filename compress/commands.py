@@ -20,20 +20,26 @@ def _input_size(model, manifest: Optional[Dict[str, Any]] = None) -> tuple:
     return tuple(resolve_data_config({}, model=model)["input_size"])
 
 
-def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
-                    device: str) -> Dict[str, Any]:
-    from compress import measure
-    from compress.export import load
+def _data_source(data: str, limit: Optional[int] = None):
+    """``--data KIND:ROOT`` -> (kind, the dataset kind's ``DataSource``)."""
     from compress.registry import DATASETS
-    from compress.tasks.base import Task
 
     if ":" not in data:
         raise CompressError(f"--data: expected KIND:ROOT (e.g. imagenet:/data/imagenet), got {data!r}")
     kind, root = data.split(":", 1)
     cls = DATASETS.get(kind)
+    return kind, cls(Path(root) if root else None, cls.Config(), limit)
+
+
+def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
+                    device: str) -> Dict[str, Any]:
+    from compress import measure
+    from compress.export import load
+    from compress.tasks.base import Task
+
+    kind, source = _data_source(data, limit)
     model = load(checkpoint)
     manifest = model._compress_manifest
-    source = cls(Path(root) if root else None, cls.Config(), limit)
     made_for = manifest.get("task", "classification")
     if source.task != made_for:
         raise CompressError(f"--data: {kind} is a {source.task} dataset but the export is a {made_for} model")
@@ -91,7 +97,7 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
 
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
-          device: str, repeats: int) -> Dict[str, Any]:
+          device: str, repeats: int, data: Optional[str] = None) -> Dict[str, Any]:
     from compress.export import build_base, load
     from compress.tasks.base import Task
 
@@ -105,6 +111,11 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
     else:
         dense, pruned, size, pruners, task = _recipe_models(recipe, overrides)
         source = str(recipe)
+    if data is not None:  # real images as the measuring input, for pruners whose cost depends on the image (dtop)
+        kind, data_source = _data_source(data)
+        if data_source.task != task.name:
+            raise CompressError(f"--data: {kind} is a {data_source.task} dataset but the model is a {task.name} model")
+        task.use_data(data_source.dataset("val", pruned, train=False))
     results = compare(dense, pruned, lambda bs: task.example(size, bs, device), batch_sizes, device, repeats)
     results["source"] = source
     from compress.pruners.weight import has_weight_pruner, storage_report

@@ -213,6 +213,13 @@ def test_dtop_fit_from_a_segmenter_export_and_load_gives_the_same_masks(segmente
     metrics = json.loads((dtop_run / "metrics.json").read_text())
     assert metrics["pruned"]["exit_fraction"] > 0 and "exit_fraction" not in metrics["dense"]
     assert metrics["pruned"]["gmacs"] < metrics["dense"]["gmacs"]
+    # bench on real val images: the pruned model exits tokens there, so it executes fewer GMACs than dense
+    assert main(["bench", "--checkpoint", str(dtop_run / "export"), "--data", f"camvid:{root}", "--batch-sizes", "1",
+                 "--repeats", "2", "--json", str(tmp_path / "b.json")]) == 0
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["input_size"] == [3, 360, 480] and bench["ratios"]["gmacs"] < 1
+    assert main(["bench", "--checkpoint", str(dtop_run / "export"), "--data", "quickstart:"]) == 2
+    assert "--data: quickstart is a classification dataset but the model is a segmentation model" in capsys.readouterr().err
     model = compress.load(dtop_run / "export")
     assert model.token_pruner() is not None
     ds = CamVid(root, CamVid.Config(), limit=2).dataset("val", model)

@@ -164,6 +164,11 @@ class Segmentation(Task):
             raise CompressError(f"{where}: segmentation data needs a segmenter (model.name: segmenter), "
                                 f"got {type(model).__name__}")
 
+    def use_data(self, dataset) -> None:
+        """The first images of ``dataset`` (their first sliding window in slide mode) become the measuring input."""
+        spec = getattr(getattr(dataset, "dataset", dataset), "inference", {"mode": "whole"})
+        self.examples[:] = [first_window(dataset[i][0][None], spec) for i in range(min(TIMED_IMAGES, len(dataset)))]
+
     def example(self, input_size, batch_size: int, device: str = "cpu"):
         """Real images from the last evaluation when they have ``input_size`` (so an input-dependent
         pruner is measured on what it will see), random ones otherwise."""
