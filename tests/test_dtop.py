@@ -130,13 +130,25 @@ def test_a_ragged_batch_gives_each_image_its_own_result(ragged):
     assert torch.allclose(batch, single, atol=1e-4)
 
 
+def test_mask_transformer_head_runs_on_the_active_tokens_of_a_ragged_batch():
+    model = segmenter(head="mask")
+    pruner = with_dtop(model, threshold=0.25, top_k=1)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batch = model(x)
+        exits = pruner.last["exit_fraction"].sum(1)
+        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert len(set(exits.tolist())) > 1
+    assert torch.allclose(batch, single, atol=1e-4)
+
+
 def test_training_through_exits_reaches_every_head():
     model = segmenter().train()
     with_dtop(model, threshold=0.25, top_k=1)
     maps = model.forward_maps(torch.randn(2, 3, 64, 64))
     assert len(maps) == 3
     sum(m.square().mean() for m in maps).backward()
-    for head in (*model.aux_heads, model.decode_head):
+    for head in (*model.aux_heads, model.decode_head):  # linear heads
         assert head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0
 
 

@@ -133,6 +133,14 @@ class PerPixel(nn.Module):
         return torch.cat([x, x.square()], 1)
 
 
+def test_pixel_kd_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    from compress.tasks.segmentation import pixel_kd
+
+    t = torch.randn(2, 5, 8, 8)
+    assert float(pixel_kd(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(pixel_kd(torch.randn(2, 5, 8, 8), t, 2.0)) > 0
+
+
 def test_sliding_window_covers_every_pixel_and_averages_overlaps():
     img = torch.randn(1, 3, 70, 101)
     assert slide_windows(70, 101, (32, 32), (21, 21))[-1] == (38, 70, 69, 101)
@@ -205,11 +213,15 @@ def test_dtop_fit_from_a_segmenter_export_and_load_gives_the_same_masks(segmente
     root, run = segmenter_run
     args = fit_overrides(root, tmp_path)
     args[args.index(str(RECIPES / "camvid_deit_t_segmenter.yaml"))] = str(RECIPES / "camvid_deit_t_dtop.yaml")
-    args += ["--set", f"model.checkpoint={run / 'export' / 'model.safetensors'}",
-             "--set", "stages.0.pruner={name: dtop, threshold: 0.2, top_k: 1}"]
+    args += ["--set", f"model.checkpoint={run / 'export'}",  # an export folder: its model.safetensors
+             "--set", "stages=[{kind: prune, pruner: {name: dtop, threshold: 0.2, top_k: 1}, max_steps: 2}, "
+                      "{kind: distill, max_steps: 2, distill: {alpha: 0.5, temperature: 2.0}}]",
+             "--set", "trainer.log_every_n_steps=1"]
     assert main(args) == 0
     assert "exited %" in capsys.readouterr().out
     dtop_run = only_run(tmp_path)
+    logged = (dtop_run / "stages" / "1-distill" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/kd" in logged and "train/exited" in logged  # per-pixel KD from the dense segmenter, with exits
     metrics = json.loads((dtop_run / "metrics.json").read_text())
     assert metrics["pruned"]["exit_fraction"] > 0 and "exit_fraction" not in metrics["dense"]
     assert metrics["pruned"]["gmacs"] < metrics["dense"]["gmacs"]

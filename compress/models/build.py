@@ -110,6 +110,8 @@ def build_model(cfg) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``."""
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint).expanduser()
+        if path.is_dir() and (path / "model.safetensors").is_file():  # an export folder: its weights
+            path = path / "model.safetensors"
         if not path.is_file():
             raise CompressError(f"model.checkpoint: file not found: {path}")
         model = build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=False)
