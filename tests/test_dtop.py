@@ -117,6 +117,18 @@ def test_exits_run_later_blocks_on_fewer_tokens_and_cost_less():
     assert count_gmacs(pruned, x) < count_gmacs(dense, x)
 
 
+@pytest.mark.parametrize("head", ["linear", "mask"])
+def test_everything_exiting_at_the_first_head_leaves_the_prefix_alone_and_its_map_final(head):
+    model = segmenter(head=head)
+    pruner = with_dtop(model, threshold=1e-6, top_k=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_maps(x)
+    assert model.backbone._compress_tokens.state.counts == [17, 1, 1, 1]  # CLS only after block 0
+    assert pruner.last["exit_fraction"].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert torch.equal(maps[-1], maps[0])
+
+
 @pytest.mark.parametrize("ragged", ["pad", "loop"])
 def test_a_ragged_batch_gives_each_image_its_own_result(ragged):
     model = segmenter()
