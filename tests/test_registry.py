@@ -75,7 +75,7 @@ def test_token_pruner_export_pins_its_plan(name, tmp_path):
 def test_registered_model_builds_and_runs(name):
     from compress.models.build import build_from_spec
 
-    model = build_from_spec({"name": name, "kwargs": {}}).eval()
+    model = build_from_spec({"name": name, "kwargs": getattr(MODELS.get(name), "test_kwargs", {})}).eval()
     from timm.data import resolve_data_config
 
     size = resolve_data_config({}, model=model)["input_size"]

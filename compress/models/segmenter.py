@@ -205,3 +205,7 @@ def segmenter(pretrained: bool = False, **kwargs) -> Segmenter:
                             "ImageNet backbone checkpoint (e.g. deit_tiny_patch16_224.pth) or a segmenter export's "
                             "model.safetensors")
     return Segmenter(**kwargs)
+
+
+# the registry's generated test builds registered models with these (a 2-block backbone, 32 px)
+segmenter.test_kwargs = {"num_classes": 5, "img_size": 32, "aux_blocks": [0], "backbone_kwargs": {"depth": 2}}
