@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
     b.add_argument("--repeats", type=_positive, default=10)
+    b.add_argument("--data", metavar="KIND:ROOT", help="measure on val images of this dataset instead of random inputs "
+                   "(for pruners whose cost depends on the image, e.g. dtop)")
     b.add_argument("--device", default="auto")
     b.add_argument("--json", type=Path)
 
@@ -145,7 +147,7 @@ def cmd_bench(args) -> int:
 
     _check_json_target(args.json)
     results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
-                             args.repeats)
+                             args.repeats, data=args.data)
     print(commands.bench_table(results))
     if args.json:
         _write_json(args.json, results)

@@ -138,13 +138,19 @@ def build_model(cfg) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``."""
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint).expanduser()
-        if path.is_dir():
-            raise CompressError(f"model.checkpoint: {path} is a folder, expected a .pth or .safetensors file")
+        if path.is_dir() and (path / "model.safetensors").is_file():  # an export folder: its weights
+            path = path / "model.safetensors"
+        elif path.is_dir():
+            raise CompressError(f"model.checkpoint: {path} is a folder, expected a .pth or .safetensors file "
+                                "(or an export folder)")
         if not path.is_file():
             raise CompressError(f"model.checkpoint: file not found: {path}")
         model = build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=False)
         state = _read_state_dict(path)
-        if cfg.kwargs and cfg.name not in MODELS:
+        adapt = getattr(model, "adapt_checkpoint", None)  # a builder's model may take another layout (a backbone)
+        if adapt is not None:
+            state = adapt(state, str(path))
+        elif cfg.kwargs and cfg.name not in MODELS:
             state = adapt_timm_checkpoint(model, state, str(path), new_classes="num_classes" in cfg.kwargs)
         load_weights(model, state, str(path))
         return model

@@ -11,6 +11,7 @@ from compress.pruners.base import Pruner
 
 class TokenPruner(Pruner, tokens.TokenPolicy):
     kind = "token"
+    targets = "vit"
     replay_on_load = True  # token pruners hold no weights: re-attach them from their spec
 
     def plan(self, geometry: Dict[str, Any]) -> None:

@@ -204,6 +204,7 @@ class TopVim(Pruner):
 
     name = "top_vim"
     kind = "token"
+    targets = "vim"
     replay_on_load = True  # holds no weights: re-attached from its spec
     Config = TopVimConfig
 
