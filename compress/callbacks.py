@@ -1,15 +1,50 @@
 """Lightning callbacks the stage runner adds (imported only when a stage trains)."""
 from __future__ import annotations
 
+import math
+import time
+
 import lightning.pytorch as pl
 
+from compress.progress import fmt_seconds, interval, line
 
-class EpochLog(pl.Callback):
-    """One line per epoch when there is no progress bar (logs, CI, pipes)."""
+
+class LineProgress(pl.Callback):
+    """Training progress without a terminal (logs, CI, batch schedulers): a timestamped line at most every
+    ``COMPRESS_PROGRESS_SECONDS`` with the step, the loss and an ETA, and one line per epoch with that
+    epoch's training metrics."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = self.last = 0.0
+        self.first_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.last = time.monotonic()
+        self.first_step = trainer.global_step  # a resumed stage starts later
+
+    def _steps(self, trainer) -> str:
+        total = trainer.estimated_stepping_batches
+        done = trainer.global_step
+        if not isinstance(total, (int, float)) or math.isinf(total) or total <= 0:
+            return f"step {done}"
+        text = f"step {done}/{int(total)} ({100 * done / total:.0f} %)"
+        ran, elapsed = done - self.first_step, time.monotonic() - self.start
+        if ran > 0:
+            text += f", {fmt_seconds(elapsed)} elapsed, ETA {fmt_seconds(elapsed / ran * (total - done))}"
+        return text
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        if now - self.last < interval():
+            return
+        self.last = now
+        loss = trainer.callback_metrics.get("train/loss")
+        line(f"{self.label}: {self._steps(trainer)}" + (f", loss {float(loss):.4f}" if loss is not None else ""))
 
     def on_train_epoch_end(self, trainer, pl_module):
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        text = ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(m.items()))
+        metrics = {k[6:]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        metrics.update(pl_module.epoch_metrics())  # this epoch's, not the last one's (the module logs them after us)
+        text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
-        print(f"[compress]   epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step}{steps}: {text}", flush=True)
+        line(f"{self.label}: epoch {trainer.current_epoch + 1}{epochs} done, {self._steps(trainer)}: {text}")

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
     b.add_argument("--repeats", type=_positive, default=10)
+    b.add_argument("--data", metavar="KIND:ROOT", help="measure on val images of this dataset instead of random inputs "
+                   "(for pruners whose cost depends on the image, e.g. dtop)")
     b.add_argument("--device", default="auto")
     b.add_argument("--json", type=Path)
 
@@ -145,7 +147,7 @@ def cmd_bench(args) -> int:
 
     _check_json_target(args.json)
     results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
-                             args.repeats)
+                             args.repeats, data=args.data)
     print(commands.bench_table(results))
     if args.json:
         _write_json(args.json, results)
@@ -184,18 +186,49 @@ def _os_error(e: OSError) -> str:
     return f"cannot write or read {where}{e.strerror or e}" if e.filename else f"{e.strerror or e}"
 
 
+def _log_warnings() -> None:
+    """compress's own warnings as ``[compress] warning: ...`` lines on stderr (once per process)."""
+    import logging
+
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is now (tests and tools swap it), not as it was at set-up."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    log = logging.getLogger("compress")
+    if not log.handlers:
+        handler = CurrentStderr()
+        handler.setFormatter(logging.Formatter("[compress] %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from compress.interrupts import Interrupted
 
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("COMPRESS_DEBUG")
+    _log_warnings()
     try:
+        if args.command in ("fit", "eval", "bench"):
+            from compress.measure import pin_threads
+
+            pin_threads()
         return COMMANDS[args.command](args)
     except CompressError as e:
         if debug:
             raise
-        print(f"compress {args.command}: error: {e}", file=sys.stderr)
+        print(f"compress {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
+    except BrokenPipeError:  # `compress recipes | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:  # disk full, read-only folder, a file where a folder should be: nothing half-written is left
         if debug:
             raise

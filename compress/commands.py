@@ -20,20 +20,30 @@ def _input_size(model, manifest: Optional[Dict[str, Any]] = None) -> tuple:
     return tuple(resolve_data_config({}, model=model)["input_size"])
 
 
-def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
-                    device: str) -> Dict[str, Any]:
-    from compress import measure
-    from compress.export import load
+def _data_source(data: str, limit: Optional[int] = None):
+    """``--data KIND:ROOT`` -> (kind, the dataset kind's ``DataSource``)."""
     from compress.registry import DATASETS
-    from compress.tasks.base import Task
 
     if ":" not in data:
         raise CompressError(f"--data: expected KIND:ROOT (e.g. imagenet:/data/imagenet), got {data!r}")
     kind, root = data.split(":", 1)
-    cls = DATASETS.get(kind)
+    try:
+        cls = DATASETS.get(kind)
+    except CompressError as e:
+        raise CompressError(f"--data: {e}") from None
+    return kind, cls(Path(root) if root else None, cls.Config(), limit)
+
+
+def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int], batch_size: int, workers: int,
+                    device: str) -> Dict[str, Any]:
+    from compress import measure
+    from compress.data.base import report_unreadable
+    from compress.export import load
+    from compress.tasks.base import Task
+
+    kind, source = _data_source(data, limit)
     model = load(checkpoint)
     manifest = model._compress_manifest
-    source = cls(Path(root) if root else None, cls.Config(), limit)
     made_for = manifest.get("task", "classification")
     if source.task != made_for:
         raise CompressError(f"--data: {kind} is a {source.task} dataset but the export is a {made_for} model")
@@ -44,9 +54,14 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=data_workers(workers))
     results = task.evaluate(model, loader, device)
+    results.update(report_unreadable(ds))
     size = _input_size(model, manifest)
-    results.update(gmacs=measure.count_gmacs(model, task.example(size, 1, device)), params=measure.count_params(model))
-    results.update(measure.throughput(model, task.example(size, min(batch_size, 32), device)))
+    # a task that measured these on the real images (segmentation: GMACs per image, speed) keeps its own
+    if "gmacs" not in results:
+        results["gmacs"] = measure.count_gmacs(model, task.example(size, 1, device))
+    results["params"] = measure.count_params(model)
+    if "images_per_s" not in results:
+        results.update(measure.throughput(model, task.example(size, min(batch_size, 32), device)))
     results.update(checkpoint=str(checkpoint), data=data, split=split, task=task.name)
     return results
 
@@ -54,8 +69,9 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
 def eval_table(r: Dict[str, Any]) -> str:
     from compress.registry import TASKS
 
-    cols = [*TASKS.get(r.get("task", "classification")).columns, ("images", "images", "d"), ("gmacs", "GMACs", ".4f"),
-            ("params", "params", ",d"), ("images_per_s", "images/s", ".1f")]
+    task = TASKS.get(r.get("task", "classification"))
+    cols = [*task.columns, ("images", "images", "d"), ("gmacs", "GMACs", ".4f"),
+            ("params", "params", ",d"), ("images_per_s", "images/s", ".1f"), *getattr(task, "eval_columns", ())]
     return table({Path(r["checkpoint"]).name: r}, cols)
 
 
@@ -78,15 +94,19 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     pruners = []
     for i, stage in enumerate(recipe.stages):
         if stage.pruner is not None:
-            pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
-            pruner.attach(pruned)
+            where = f"stages[{i}].pruner"
+            pruner = build_pruner(stage.pruner.model_dump(), where=where)
+            try:
+                pruner.attach(pruned)
+            except (CompressError, ValueError) as e:
+                raise CompressError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
             pruner.finalize(pruned)
             pruners.append(pruner)
     return dense, pruned, tuple(source.input_size(dense)), pruners, Task.for_source(source)
 
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
-          device: str, repeats: int) -> Dict[str, Any]:
+          device: str, repeats: int, data: Optional[str] = None) -> Dict[str, Any]:
     from compress.export import build_base, load
     from compress.tasks.base import Task
 
@@ -100,6 +120,11 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
     else:
         dense, pruned, size, pruners, task = _recipe_models(recipe, overrides)
         source = str(recipe)
+    if data is not None:  # real images as the measuring input, for pruners whose cost depends on the image (dtop)
+        kind, data_source = _data_source(data)
+        if data_source.task != task.name:
+            raise CompressError(f"--data: {kind} is a {data_source.task} dataset but the model is a {task.name} model")
+        task.use_data(data_source.dataset("val", pruned, train=False))
     results = compare(dense, pruned, lambda bs: task.example(size, bs, device), batch_sizes, device, repeats)
     results["source"] = source
     from compress.pruners.weight import has_weight_pruner, storage_report

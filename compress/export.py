@@ -4,16 +4,18 @@
 structural edits, re-attaches token pruners from their spec and loads the weights strictly. It uses
 no Lightning, no DeepSpeed and never unpickles: weights are safetensors, everything else JSON.
 Exports are written to a temporary folder and renamed into place, so a failure leaves nothing, and
-only ever replace an earlier export, never a folder of the user's.
+only ever replace an earlier export, never a folder of the user's. A damaged or foreign export (a
+truncated file, a manifest missing a key) is one line naming the file.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from compress import files
 from compress.errors import CompressError
@@ -76,19 +78,71 @@ def check_export_target(out: Path, where: str) -> None:
                             "choose a new or empty folder")
 
 
+class _Spec(BaseModel):
+    """What ``load`` reads from ``compress.json``; other keys (metrics, a later version's extras) pass."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class _ModelSpec(_Spec):
+    name: StrictStr
+    builder: StrictStr = "timm"
+    kwargs: Dict[str, Any] = {}
+
+
+class _PrunerSpec(_Spec):
+    name: StrictStr
+
+
+class _PrunerEntry(_Spec):
+    spec: _PrunerSpec
+    kind: Optional[StrictStr] = None
+    edits: Optional[Dict[str, Any]] = None
+
+
+class _Manifest(_Spec):
+    format: StrictStr
+    task: StrictStr = "classification"
+    task_info: Optional[Dict[str, Any]] = None
+    model: _ModelSpec
+    pruners: List[_PrunerEntry]
+    input_size: Optional[Annotated[List[Annotated[StrictInt, Field(gt=0)]], Field(min_length=3, max_length=3)]] = None
+    metrics: Optional[Dict[str, Any]] = None
+
+
 def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
+    """The checked ``compress.json`` of the export folder ``path``: any problem with the folder or the
+    manifest's shape is one line naming the file and the key."""
+    from compress.recipe import format_validation_error
+    from compress.registry import TASKS
+
     path = Path(path)
     manifest_path = path / "compress.json"
+    if path.is_file():
+        raise CompressError(f"checkpoint: {path} is a file, expected an export folder (compress.json + model.safetensors)")
     if not path.is_dir():
         raise CompressError(f"checkpoint: export folder not found: {path}")
-    if not manifest_path.is_file() or not (path / "model.safetensors").is_file():
-        raise CompressError(f"checkpoint: {path} is not a compress export (needs compress.json and model.safetensors)")
+    for name in ("compress.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise CompressError(f"checkpoint: {path} is not a compress export: it has no {name} "
+                                "(needs compress.json and model.safetensors)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CompressError(f"checkpoint: {manifest_path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise CompressError(f"checkpoint: cannot read {manifest_path} ({type(e).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise CompressError(f"checkpoint: {manifest_path} holds a JSON {type(manifest).__name__}, expected an object")
     if manifest.get("format") != FORMAT:
         raise CompressError(f"checkpoint: {manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as e:
+        raise CompressError(f"checkpoint: {manifest_path}: {format_validation_error(e, _Manifest)}") from None
+    if manifest.get("task", "classification") not in TASKS:
+        raise CompressError(f"checkpoint: {manifest_path}: task: unknown task {manifest['task']!r} "
+                            f"(known: {', '.join(TASKS.names())})")
     return manifest
 
 
@@ -104,29 +158,45 @@ def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
     With ``with_pruners=False`` token pruners are detached after the weights are loaded (the same
     weights, dense tokens; parameters a token pruner added, e.g. STViT's, go with it).
     """
-    from safetensors.torch import load_file
-
-    from compress.models.build import load_weights
+    from compress.models.build import load_weights, read_safetensors
     from compress.pruners.base import build_pruner
     from compress.registry import PRUNERS
 
     path = Path(path)
     manifest = read_manifest(path)
-    model = build_base(manifest)
     attached = []
-    for i, entry in enumerate(manifest["pruners"]):
-        spec = entry["spec"]
-        cls = PRUNERS.get(spec["name"])
-        if entry.get("edits"):
-            cls.apply_edits(model, entry["edits"])
-        if getattr(cls, "replay_on_load", False):
-            pruner = build_pruner(spec, where=f"pruners[{i}]")
-            pruner.attach(model)
-            attached.append(pruner)
-    state = load_file(str(path / "model.safetensors"))
-    for entry in reversed(manifest["pruners"]):  # undo pack_state in reverse order
-        state = PRUNERS.get(entry["spec"]["name"]).unpack_state(state, entry.get("edits") or {})
-    load_weights(model, state, str(path / "model.safetensors"), what="checkpoint")
+    try:  # read_manifest checked the shape; what only the builder and the pruners can check names the file too
+        model = build_base(manifest)
+        for i, entry in enumerate(manifest["pruners"]):
+            spec = entry["spec"]
+            if spec["name"] not in PRUNERS:
+                raise CompressError(f"pruners[{i}].spec.name: unknown pruner {spec['name']!r} "
+                                    f"(known: {', '.join(PRUNERS.names())})")
+            cls = PRUNERS.get(spec["name"])
+            try:
+                if entry.get("edits"):
+                    try:
+                        cls.apply_edits(model, entry["edits"])
+                    except CompressError as e:  # "edits: ..." from the pruner -> "pruners[i].edits: ..."
+                        raise CompressError(f"pruners[{i}]" + (f".{e}" if str(e).startswith("edits") else f": {e}")) from e
+                if getattr(cls, "replay_on_load", False):
+                    pruner = build_pruner(spec, where=f"pruners[{i}].spec")
+                    pruner.attach(model)
+                    attached.append(pruner)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise CompressError(f"pruners[{i}]: {spec['name']} cannot be replayed on this model "
+                                    f"({type(e).__name__}: {e})") from e
+    except CompressError as e:
+        raise CompressError(f"checkpoint: {path / 'compress.json'}: {e}") from e
+    weights = path / "model.safetensors"
+    state = read_safetensors(weights, "checkpoint")
+    for i, entry in reversed(list(enumerate(manifest["pruners"]))):  # undo pack_state in reverse order
+        try:
+            state = PRUNERS.get(entry["spec"]["name"]).unpack_state(state, entry.get("edits") or {})
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CompressError(f"checkpoint: {weights} does not hold what pruners[{i}] stored "
+                                f"({type(e).__name__}: {e})") from e
+    load_weights(model, state, str(weights), what="checkpoint")
     if not with_pruners:
         for pruner in reversed(attached):
             pruner.detach(model)

@@ -111,9 +111,15 @@ def peak_memory_mb(model: nn.Module, example: Any) -> Optional[float]:
 
 
 def pin_threads(threads: Optional[int] = None) -> int:
-    """Fix the CPU thread count so dense and pruned timings are comparable."""
-    n = threads or int(os.environ.get("COMPRESS_THREADS", 0)) or torch.get_num_threads()
-    torch.set_num_threads(n)
+    """Fix the CPU thread count: ``threads``, else ``COMPRESS_THREADS``, else torch's default capped at the
+    CPUs this process may run on (a container's or scheduler's CPU set; torch counts the whole machine's
+    cores, and more threads than CPUs makes OpenMP spin-wait). Dense and pruned timings share it."""
+    n = threads or int(os.environ.get("COMPRESS_THREADS", 0))
+    if not n:
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, min(torch.get_num_threads(), allowed))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
     return n
 
 

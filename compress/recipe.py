@@ -36,7 +36,8 @@ class DataConfig(Strict):
     eval_batch_size: Optional[int] = Field(None, gt=0)
     num_workers: Union[int, Literal["auto"]] = Field(
         "auto", description="data loader processes; 'auto': as many as this machine's CPUs allow, at most 8")
-    limit: Optional[int] = Field(None, gt=0, description="use at most this many images per split")
+    limit: Optional[int] = Field(None, gt=0, description="use at most this many images per split (a quick look at a "
+                                 "recipe); step-based stages (max_steps) then stop after one pass over them")
     params: Dict[str, Any] = Field(default_factory=dict, description="dataset-specific options")
 
 

@@ -60,6 +60,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
@@ -102,9 +103,9 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     import lightning.pytorch as pl
 
     from compress.models import build_model
-    from compress.tasks.base import Task
     from compress.recipe import check_trainer
     from compress.strategies import check_deepspeed
+    from compress.tasks.base import Task
 
     _quiet_lightning()
     check_trainer(recipe.trainer)
@@ -185,10 +186,9 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from compress.callbacks import EpochLog
-    from compress.strategies import is_deepspeed, resolve_strategy
-
+    from compress.callbacks import LineProgress
     from compress.checkpoints import AtomicCheckpointIO, SaveOnInterrupt
+    from compress.strategies import is_deepspeed, resolve_strategy
 
     t = recipe.trainer
     progress = sys.stdout.isatty() if t.enable_progress_bar is None else t.enable_progress_bar
@@ -206,7 +206,7 @@ def trainer_kwargs(recipe: Recipe, stage_dir: Path, stage) -> Dict[str, Any]:
         LearningRateMonitor(logging_interval="step"),
     ]
     if not progress:
-        callbacks.append(EpochLog())
+        callbacks.append(LineProgress(f"stage {stage_dir.name}"))
     strategy = resolve_strategy(t.strategy, t.accelerator)
     return dict(
         plugins=[] if is_deepspeed(t.strategy) else [AtomicCheckpointIO()],  # DeepSpeed writes checkpoint folders
@@ -295,6 +295,8 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
     if stage.trains:
         from compress.strategies import is_deepspeed, zero_stage
 
+        train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
+        stage = limited_steps(ctx.recipe, stage, i, len(train))
         deepspeed = is_deepspeed(ctx.recipe.trainer.strategy)
         # DeepSpeed converts, partitions and hooks the module it is given: it gets a copy, a new one per stage
         # (so a structured pruner can shrink the model between stages), and ctx.model takes the consolidated
@@ -311,7 +313,6 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
         kwargs["callbacks"] = kwargs["callbacks"] + callbacks + [sync_stop_callback(ctx.signals)]
         trainer = pl.Trainer(**kwargs)
-        train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
         _log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
         model.train()
         with ctx.signals.training(trainer):
@@ -352,6 +353,19 @@ def _take_back(ctx: RunContext, trained: nn.Module) -> None:
     del trained, state
     for pruner in ctx.pruners:
         pruner.rejoin(ctx.model)
+
+
+def limited_steps(recipe: Recipe, stage, i: int, batches: int):
+    """With ``data.limit`` (a quick look at a recipe), a step-based stage stops after one pass over the
+    limited data instead of running its full ``max_steps``."""
+    if recipe.data.limit is None or stage.max_steps is None:
+        return stage
+    cap = max(1, batches // recipe.trainer.accumulate_grad_batches)
+    if stage.max_steps <= cap:
+        return stage
+    _log(f"stage {i} ({stage.kind}): data.limit {recipe.data.limit}: {cap} steps (one pass) instead of max_steps "
+         f"{stage.max_steps}")
+    return stage.model_copy(update={"max_steps": cap})
 
 
 def calibrate(ctx: RunContext, pruner, where: str) -> None:

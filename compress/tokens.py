@@ -235,8 +235,21 @@ def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor, sort: bo
     return x.gather(1, full.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def vit_geometry(model: nn.Module) -> Dict[str, Any]:
+def require_vit(model: nn.Module, who: str = "token pruning") -> None:
+    """Token pruning patches timm's ViT blocks; say so, naming ``who`` and the model, before anything
+    fails deep inside on another architecture (a CNN, a Mamba)."""
+    blocks = getattr(model, "blocks", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    ok = (isinstance(blocks, nn.Sequential) and len(blocks) > 0 and grid is not None
+          and all(isinstance(b, Block) and isinstance(getattr(b, "attn", None), Attention) for b in blocks))
+    if not ok:
+        raise CompressError(f"{who} works on timm vision transformers (patch_embed + blocks of timm Block/Attention: "
+                            f"vit_*, deit_*, quickstart_vit, ...), not on {type(model).__name__}")
+
+
+def vit_geometry(model: nn.Module, who: str = "token pruning") -> Dict[str, Any]:
     """Depth, width, MLP ratio, token count and prefix count of a timm ViT (for schedules)."""
+    require_vit(model, who)
     blocks = model.blocks
     dim = blocks[0].norm1.weight.shape[0] if hasattr(blocks[0].norm1, "weight") else model.embed_dim
     hidden = blocks[0].mlp.fc1.out_features

@@ -217,3 +217,17 @@ def test_files_follow_the_umask(tmp_path):
     for f in ("model.safetensors", "compress.json"):
         assert (run_dir / "export" / f).stat().st_mode & 0o777 == 0o640
     assert (run_dir / "metrics.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_bad_teacher_checkpoint_fails_before_the_first_stage(tmp_path, capsys):
+    bad = tmp_path / "teacher.pth"
+    bad.write_bytes(b"not a checkpoint")
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["stages"] = [{"kind": "finetune", "epochs": 1},
+                        {"kind": "distill", "distill": {"teacher": "quickstart_vit", "checkpoint": str(bad)}}]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["fit", "--recipe", str(path), "--out", str(tmp_path / "runs"), *[a for o in TINY for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("compress fit: error: stages[1].distill.checkpoint") and str(bad) in err[0], err
+    assert not (tmp_path / "runs").exists()

@@ -254,3 +254,11 @@ def test_schedule_search_runs_in_the_prune_stage_and_its_result_is_exported(tmp_
     x, _ = val_images(4)
     with torch.no_grad():
         assert loaded(x).shape == (4, 6)
+
+
+def test_data_limit_shortens_step_based_stages(tmp_path):
+    """``data.limit`` is for a quick look: a max_steps stage stops after one pass over the limited data."""
+    fit(QUICKSTART, ["data.limit=32", "data.batch_size=16", f"model.kwargs.depth={DEPTH}", "evaluate.bench=false",
+                     "trainer.checkpoint_every_n_steps=1", "stages=[{kind: finetune, max_steps: 1000}]"], out=tmp_path)
+    ckpt = only_run(tmp_path) / "stages" / "0-finetune" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2

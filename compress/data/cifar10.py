@@ -3,7 +3,8 @@ disjoint ``train`` and ``val`` sets: a small real transfer task (e.g. DeiT-Tiny 
 
 Images are decoded once into memory (32x32 each, a few MB) and read straight from the tar, never extracted.
 Labels follow the usual CIFAR order (airplane ... truck). Transforms come from the model's timm data config,
-with light augmentation (random resized crop, flip; no auto-augment) for ``train``.
+with light augmentation (random resized crop, flip; no auto-augment) for ``train``. An image that cannot be
+decoded is skipped with one warning giving the count and the first one (all are decoded here, once).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from compress.data.base import DataSource
+from compress.data.base import DataSource, bad_image_reason, check_folder, image_errors, warn
 from compress.errors import CompressError
 from compress.registry import register_dataset
 
@@ -51,23 +52,40 @@ def read_images(root: Path) -> List[Tuple[str, object, int]]:
     key = str(root.resolve())
     if key in _CACHE:
         return _CACHE[key]
-    items = []
+    items, bad = [], []
+
+    def add(name: str, read, y: int) -> None:
+        try:
+            items.append((name, _decode(read()), y))
+        except image_errors() as e:
+            bad.append((name, e))
+
     if root.is_file():
+        if not tarfile.is_tarfile(root):
+            raise CompressError(f"data.root: {root} is a file but not a tar archive (expected cifar10_test_jpg.tar, "
+                                "or a folder with test/<class>/*.jpg)")
         try:
             with tarfile.open(root) as tar:
                 for m in tar:
                     y = _label(m.name) if m.isfile() else None
                     if y is not None:
-                        items.append((m.name, _decode(tar.extractfile(m).read()), y))
-        except tarfile.TarError as e:
-            raise CompressError(f"data.root: {root} is not a readable tar ({e})") from None
+                        add(m.name, tar.extractfile(m).read, y)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise CompressError(f"data.root: {root} is not a readable tar ({' '.join(str(e).split())})") from None
     else:
+        for d in [root, root / "test", *sorted(p for p in (root / "test").glob("*") if p.is_dir())]:
+            if d.is_dir():
+                check_folder(d)
         for p in sorted((root / "test").glob("*/*")):
             y = _label(str(p))
             if y is not None:
-                items.append((str(p.relative_to(root)), _decode(p.read_bytes()), y))
+                add(str(p.relative_to(root)), p.read_bytes, y)
     if not items:
-        raise CompressError(f"data.root: {root} holds no test/<class>/*.jpg CIFAR-10 images")
+        found = f" (e.g. {bad[0][0]}: {bad_image_reason(bad[0][1])})" if bad else ""
+        raise CompressError(f"data.root: {root} holds no readable test/<class>/*.jpg CIFAR-10 images{found}")
+    if bad:
+        name, e = bad[0]
+        warn(f"data.root: skipped {len(bad)} unreadable image(s) in {root}, e.g. {name} ({bad_image_reason(e)})")
     items.sort(key=lambda t: (t[2], t[0]))
     _CACHE[key] = items
     return items
@@ -118,11 +136,6 @@ class Cifar10(DataSource):
         if not root.exists():
             raise CompressError(f"data.root: not found: {root}")
         return root
-
-    def input_size(self, model: nn.Module) -> tuple:
-        """The size the model was built for (a ViT made with ``img_size: 96`` still carries a 224 px data config)."""
-        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        return (3, *size) if size else super().input_size(model)
 
     def build(self, split: str, model: nn.Module, train: bool) -> Dataset:
         from timm.data import create_transform, resolve_data_config

@@ -21,42 +21,70 @@ def model_spec(name: str, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, 
 
 
 def build_from_spec(spec: Dict[str, Any], pretrained: bool = False) -> nn.Module:
+    """Call the builder; arguments it rejects (an unknown name, a negative size) are the user's error at
+    ``model.kwargs``, wherever inside timm they surface; weights it cannot fetch are ``model.pretrained``'s."""
     import timm
 
     name, kwargs = spec["name"], dict(spec.get("kwargs") or {})
+    if name not in MODELS and not timm.is_model(name):
+        raise CompressError(f"model.name: unknown model {name!r} (not a timm model or a registered builder)")
     try:
         if name in MODELS:
             return MODELS.get(name)(pretrained=pretrained, **kwargs)
-        if not timm.is_model(name):
-            raise CompressError(f"model.name: unknown model {name!r} (not a timm model or a registered builder)")
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise CompressError(f"model.kwargs: {name} does not accept these arguments ({e})") from None
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError, AssertionError, ZeroDivisionError, IndexError, KeyError) as e:
         # Fetching hub weights offline or without network: huggingface_hub's LocalEntryNotFoundError and
         # OfflineModeIsEnabled, urllib's URLError and requests' errors are all OSErrors; timm raises
-        # RuntimeError for a model without pretrained weights. Anything else is a bug and keeps its traceback.
-        if not pretrained or (isinstance(e, RuntimeError) and "pretrained" not in str(e).lower()):
+        # RuntimeError for a model without pretrained weights. Anything else is the builder refusing kwargs.
+        if pretrained and (isinstance(e, OSError) or "pretrained" in str(e).lower()):
+            reason = " ".join(str(e).split()).split(". ")[0]  # hub messages go on for sentences
+            raise CompressError(f"model.pretrained: cannot load the pretrained weights of {name} ({type(e).__name__}: "
+                                f"{reason}); set model.checkpoint to a local .pth/.safetensors file instead") from None
+        if isinstance(e, OSError):
             raise
-        reason = " ".join(str(e).split()).split(". ")[0]  # hub messages go on for sentences
-        raise CompressError(f"model.pretrained: cannot load the pretrained weights of {name} ({type(e).__name__}: "
-                            f"{reason}); set model.checkpoint to a local .pth/.safetensors file instead") from None
+        raise CompressError(f"model.kwargs: {name} cannot be built with {kwargs} ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
+
+
+def read_safetensors(path: Path, what: str) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or foreign file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CompressError(f"{what}: {path} is not a readable safetensors file ({e})") from None
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Weights only: safetensors, or ``torch.load(weights_only=True)``, which refuses (never runs) pickled
+    objects; a file of anything but tensors is refused by name."""
+    import pickle
 
-        return load_file(str(path))
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, "model.checkpoint")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "global" in str(e):  # it names Python objects torch will not build (cf. checkpoints.py)
+            raise CompressError(f"model.checkpoint: {path} holds pickled Python objects besides tensors (e.g. a whole "
+                                "nn.Module or a training checkpoint); they are not unpickled: save model.state_dict() "
+                                "or a .safetensors file") from None
+        raise CompressError(f"model.checkpoint: cannot read {path} as a torch checkpoint (UnpicklingError)") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise CompressError(f"model.checkpoint: cannot read {path} as a torch checkpoint ({type(e).__name__})") from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CompressError(f"model.checkpoint: {path} holds no state_dict of tensors")
+    if not isinstance(obj, dict):
+        raise CompressError(f"model.checkpoint: {path} holds a {type(obj).__name__}, expected a state_dict of tensors")
+    other = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None or not obj:
+        detail = f" ({other!r} is a {type(obj[other]).__name__})" if other is not None else " (it is empty)"
+        raise CompressError(f"model.checkpoint: {path} holds no state_dict of tensors{detail}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -110,11 +138,19 @@ def build_model(cfg) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``."""
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint).expanduser()
+        if path.is_dir() and (path / "model.safetensors").is_file():  # an export folder: its weights
+            path = path / "model.safetensors"
+        elif path.is_dir():
+            raise CompressError(f"model.checkpoint: {path} is a folder, expected a .pth or .safetensors file "
+                                "(or an export folder)")
         if not path.is_file():
             raise CompressError(f"model.checkpoint: file not found: {path}")
         model = build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=False)
         state = _read_state_dict(path)
-        if cfg.kwargs and cfg.name not in MODELS:
+        adapt = getattr(model, "adapt_checkpoint", None)  # a builder's model may take another layout (a backbone)
+        if adapt is not None:
+            state = adapt(state, str(path))
+        elif cfg.kwargs and cfg.name not in MODELS:
             state = adapt_timm_checkpoint(model, state, str(path), new_classes="num_classes" in cfg.kwargs)
         load_weights(model, state, str(path))
         return model

@@ -59,6 +59,10 @@ class Task:
         """The task's metrics of ``model`` over ``loader``, without a Trainer, in one process."""
         raise NotImplementedError
 
+    def use_data(self, dataset) -> None:
+        """Measure on inputs from ``dataset`` (``compress bench --data``) rather than random ones; for tasks
+        whose models' cost depends on the input. Default: random inputs are as good."""
+
     def example(self, input_size: Sequence[int], batch_size: int, device: str = "cpu") -> Any:
         """A batch of model inputs for measuring GMACs and speed (a tensor, or a tuple of positional args)."""
         return torch.randn(batch_size, *input_size, device=device)

@@ -58,6 +58,11 @@ class ClassificationTask(StageModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def epoch_metrics(self) -> dict:
+        if not any(m.update_count for m in self.train_metrics.values()):
+            return {}
+        return {k[6:]: float(v) for k, v in self.train_metrics.compute().items()}
+
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics.compute(), prog_bar=True)
         self.train_metrics.reset()

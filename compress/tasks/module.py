@@ -2,7 +2,7 @@
 
 The teacher is frozen, in eval mode and kept out of the module tree, so distributed strategies never
 wrap or shard it. Optimizers: AdamW or SGD over two parameter groups (no weight decay on norms,
-biases, position embeddings and class tokens) with a per-step cosine schedule and linear warm-up.
+biases, position embeddings, class tokens and parameters flagged ``_no_weight_decay``, as Mamba's A and D) with a per-step cosine schedule and linear warm-up.
 """
 from __future__ import annotations
 
@@ -64,6 +64,10 @@ class StageModule(pl.LightningModule):
         if self._teacher:
             self._teacher[0].to(self.device)
 
+    def epoch_metrics(self) -> dict:
+        """The training metrics of the epoch so far (for progress lines); default none."""
+        return {}
+
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["compress_pruners"] = [p.state_dict() for p in self.pruners]
 
@@ -78,7 +82,8 @@ class StageModule(pl.LightningModule):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+                skip = p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) or getattr(p, "_no_weight_decay", False)
+                (no_decay if skip else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if cfg.name == "sgd":
             opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)

@@ -11,13 +11,14 @@ from compress.pruners.base import Pruner
 
 class TokenPruner(Pruner, tokens.TokenPolicy):
     kind = "token"
+    targets = "vit"
     replay_on_load = True  # token pruners hold no weights: re-attach them from their spec
 
     def plan(self, geometry: Dict[str, Any]) -> None:
         """Turn the config (schedule or budget) into per-layer decisions for this model."""
 
     def attach(self, model: nn.Module) -> None:
-        self.geometry = tokens.vit_geometry(model)
+        self.geometry = tokens.vit_geometry(model, f"pruner {self.name!r}")
         self.plan(self.geometry)
         tokens.patch(model, self)
 

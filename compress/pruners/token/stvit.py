@@ -195,7 +195,7 @@ class STViT(TokenPruner):
             raise CompressError("this model already has a token pruner attached; detach it first")
         if getattr(model, "stvit", None) is not None:
             raise CompressError("this model already has STViT modules (model.stvit); detach first")
-        self.geometry = tokens.vit_geometry(model)
+        self.geometry = tokens.vit_geometry(model, f"pruner {self.name!r}")
         self.grid = tuple(int(v) for v in model.patch_embed.grid_size)
         self.plan(self.geometry)
         if any(getattr(blk.attn, "gate", None) is not None for blk in model.blocks):

@@ -346,7 +346,9 @@ class ZeroTPrune(TokenPruner):
         starts = [({b: 1.0 for b in blocks}, share) for blocks in self.candidate_blocks(self.geometry["depth"])
                   for share in (0.75, 1.0) if blocks and len(blocks) <= most]
         starts = [start for start in starts if start != shape]
-        for trial in range(1, cfg.trials):
+        from compress.progress import track
+
+        for trial in track(range(1, cfg.trials), "zero_tprune search", unit="trials"):
             if trial <= len(starts):
                 weights, share = starts[trial - 1]
             else:
