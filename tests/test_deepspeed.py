@@ -171,8 +171,12 @@ def test_deepspeed_strategy_resolution_and_validation():
         resolve_strategy({"deepspeed": {"stagee": 3}}, "cpu")
     with pytest.raises(CompressError, match=r"^trainer.strategy.deepspeed.stage: give DeepSpeed config keys"):
         resolve_strategy({"deepspeed": {"zero_optimization": {"stage": 3}, "stage": 2}}, "cpu")
+    from compress.recipe import check_trainer
+
     recipe = json.loads(json.dumps(RECIPE))
-    recipe["trainer"].update(strategy="deepspeed_stage_3", precision="bf16-mixed")
+    recipe["trainer"]["strategy"] = "deepspeed_stage_3"
+    check_trainer(recipe_from_dict(recipe).trainer)  # Lightning takes the CPU strategy with every other setting
+    recipe["trainer"]["precision"] = "bf16-mixed"
     with pytest.raises(CompressError, match=r"^trainer.precision: 'bf16-mixed' under DeepSpeed needs CUDA GPUs"):
         check_deepspeed(recipe_from_dict(recipe))
 

@@ -367,7 +367,8 @@ class HeadsPruner(Pruner):
 def _mul(param: torch.Tensor, mask: torch.Tensor) -> None:
     """``param *= mask`` (broadcast), in DeepSpeed's master copy too when it keeps one."""
     if zero.has_master(param):
-        zero.write(param, zero.read(param) * mask)
+        full = zero.read(param)
+        zero.write(param, full * mask.to(full.device))
     else:
         param.mul_(mask.to(param.device))
 
