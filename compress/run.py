@@ -300,8 +300,9 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         deepspeed = is_deepspeed(ctx.recipe.trainer.strategy)
         # DeepSpeed converts, partitions and hooks the module it is given: it gets a copy, a new one per stage
         # (so a structured pruner can shrink the model between stages), and ctx.model takes the consolidated
-        # fp32 weights back at the end.
-        model = copy.deepcopy(ctx.model) if deepspeed else ctx.model
+        # fp32 weights back at the end. The run's model waits in host memory meanwhile (rank 0 evaluated it on
+        # the GPU), so the accelerator holds only the engine's (partitioned) copy.
+        model = copy.deepcopy(ctx.model.cpu()) if deepspeed else ctx.model
         if deepspeed and zero_stage(ctx.recipe.trainer.strategy) == 3:
             from compress.zero import register_external
 
