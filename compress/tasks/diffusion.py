@@ -216,3 +216,13 @@ class Diffusion(Task):
         t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
         cond = torch.randn(batch_size, tokens, width, generator=g).to(device)
         return (x, t, cond)
+
+    def bench_details(self, model: nn.Module, input_size, batch_sizes, device: str = "cpu", repeats: int = 6,
+                      dense_gmacs: Optional[float] = None, edits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Per-expert rows for a routed (APTP) model; nothing for a single UNet."""
+        from compress.pruners.diffusion.report import expert_report, is_routed
+
+        if not is_routed(model):
+            return {}
+        return expert_report(model, lambda bs: self.example(input_size, bs, device), batch_sizes, device, repeats,
+                             dense_gmacs, edits)
