@@ -151,3 +151,29 @@ def test_export_round_trip_rebuilds_router_and_experts(attached, tmp_path):
         torch.testing.assert_close(loaded(b.noisy, b.t, b.cond, route), m(b.noisy, b.t, b.cond, route))
     images = loaded.generate(["a photo of a cat"], steps=2)
     assert images.shape == (1, 3, 16, 16)
+
+
+def test_single_architecture_baseline_meets_the_budget_and_round_trips(tmp_path):
+    import compress
+    from compress import measure
+    from compress.export import save
+    from compress.models.build import model_spec
+    from compress.pruners.base import build_pruner
+    from compress.tasks.diffusion import Diffusion
+
+    from diffusion_zoo import TINY
+
+    need_diffusion()
+    m = tiny_model()
+    task = Diffusion()
+    task.check_model(m, "test")
+    ex = task.example(m.latent_shape(), 1)
+    dense = measure.count_gmacs(m, ex)
+    p = build_pruner({"name": "unet_magnitude", "target_macs_ratio": 0.7})
+    p.attach(m)
+    ratio = measure.count_gmacs(m, ex) / dense
+    assert 0.6 < ratio <= 0.71
+    save(m, tmp_path / "e", model_spec("unet_small", TINY), [p], [p.finalize(m)], task=task, input_size=m.latent_shape())
+    loaded = compress.load(tmp_path / "e")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*ex), m.eval()(*ex))
