@@ -107,8 +107,28 @@ def fid_kid(weights: Path, kid_subset: int = 50):
 def clip_score(images_uint8: torch.Tensor, prompts, model_path: str) -> float:
     """torchmetrics' CLIP score with a local CLIP folder (transformers layout). The test uses a tiny random
     CLIP: it checks the path runs, not that the number means anything."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    from pathlib import Path as _Path
 
-    metric = CLIPScore(model_name_or_path=model_path, sync_on_compute=False)
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    if not _Path(model_path).expanduser().is_dir():
+        raise CompressError(f"data.params.eval.clip_model: not a folder: {model_path} (a transformers CLIP folder)")
+
+    class _Features(CLIPModel):
+        """transformers 5 returns model outputs from get_*_features; torchmetrics 1.9 expects tensors."""
+
+        def get_image_features(self, *args, **kwargs):
+            out = super().get_image_features(*args, **kwargs)
+            return out if torch.is_tensor(out) else out.pooler_output
+
+        def get_text_features(self, *args, **kwargs):
+            out = super().get_text_features(*args, **kwargs)
+            return out if torch.is_tensor(out) else out.pooler_output
+
+    def local():  # torchmetrics accepts only hub names, or a callable giving (model, processor)
+        return _Features.from_pretrained(model_path), CLIPProcessor.from_pretrained(model_path)
+
+    metric = CLIPScore(model_name_or_path=local, sync_on_compute=False)
     metric.update(images_uint8, list(prompts))
     return float(metric.compute())

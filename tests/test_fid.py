@@ -59,3 +59,39 @@ def test_missing_local_weights_file_is_named(tmp_path):
 
     with pytest.raises(CompressError, match="fid_weights: file not found: .*nope.pth"):
         inception_weights(str(tmp_path / "nope.pth"))
+
+
+def _tiny_clip(folder):
+    """A random 1-layer CLIP with a byte-level vocabulary (no merges): exercises the CLIP-score path only."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir()
+    chars = sorted({chr(c) for c in range(33, 127)} | {chr(c) for c in range(161, 173)} | {chr(c) for c in range(174, 512)})
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    layer = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, **layer),
+                     vision_config=dict(image_size=32, patch_size=8, **layer), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_runs_on_a_local_clip_folder(tmp_path):
+    from compress.errors import CompressError
+    from compress.fid import clip_score
+
+    need_fid()
+    folder = _tiny_clip(tmp_path / "clip")
+    score = clip_score(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), ["a cat", "a dog"], str(folder))
+    assert 0.0 <= score <= 100.0  # random weights: the number means nothing, the path is what is tested
+    with pytest.raises(CompressError, match="clip_model: not a folder"):
+        clip_score(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["x"], str(tmp_path / "none"))
