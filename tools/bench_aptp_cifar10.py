@@ -3,6 +3,10 @@ class prompts ("a photo of a cat"), on this CPU.
 
     python tools/bench_aptp_cifar10.py [--assets ../shared/assets] [--quick]
 
+About 80-100 minutes alone on an idle 2-core CPU with the defaults (dense training is half of it); ``--quick``
+(a few steps and images, ~10 min on a busy machine) only checks that the pipeline runs. Run it alone: other
+processes on the cores slow every step several-fold.
+
 1. dense: a pixel-space ``unet_small`` (32 px, MiniLM text encoder, v-prediction, min-SNR 5) trained on the
    train split (8,000 images) for ``--dense-steps``;
 2. APTP, K = 4 experts at ``--target`` of the dense MACs: router + codes for ``--prune-steps`` (UNet
@@ -148,13 +152,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench_assets.add_argument(ap)
     ap.add_argument("--quick", action="store_true", help="a few steps and images: checks the pipeline, not the claim")
-    ap.add_argument("--dense-steps", type=int, default=2500)
-    ap.add_argument("--prune-steps", type=int, default=300)
-    ap.add_argument("--tune-steps", type=int, default=300)
+    ap.add_argument("--dense-steps", type=int, default=1200)
+    ap.add_argument("--prune-steps", type=int, default=150)
+    ap.add_argument("--tune-steps", type=int, default=150)
     ap.add_argument("--target", type=float, default=0.6)
     ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_aptp_cifar10"))
     ap.add_argument("--out", type=Path, default=HERE / "results")

@@ -6,7 +6,7 @@ Two sources (``data.params.source``):
   subsets and Hugging Face ``imagefolder`` datasets use: ``metadata.jsonl`` (or ``captions.jsonl``), one
   JSON object per line with ``file_name`` (relative to the split folder) and ``text`` (or ``caption``).
   A line naming a missing image, or without a caption, is one error naming the file and line.
-- ``cifar10``: the CIFAR-10 split of ``data.kind: cifar10`` (same ``val_per_class``/``seed``) with
+- ``cifar10`` (``auto`` picks it for a .tar or a folder with ``test/``): the CIFAR-10 split of ``data.kind: cifar10`` (same ``val_per_class``/``seed``) with
   class-name prompts from ``template`` ("a photo of a cat").
 
 Items are (image in [-1, 1] at the model's size, prompt, class index or -1). In training a caption is
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,8 @@ class EvalParams(BaseModel):
 
 class PromptsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: str = Field("folder", description="'folder' (images + metadata.jsonl per split) or 'cifar10'")
+    source: Literal["auto", "folder", "cifar10"] = Field("auto", description="'folder' (images + metadata.jsonl per split), 'cifar10', or 'auto': "
+                        "cifar10 for a .tar or a folder with test/, else folder")
     template: str = Field("a photo of a {}", description="cifar10: prompt made from the class name")
     val_per_class: int = Field(200, gt=0, description="cifar10: held-out images per class")
     seed: int = 0
@@ -133,7 +134,7 @@ class Prompts(DataSource):
 
     def _root(self) -> Path:
         if self.root is None:
-            hint = "cifar10_test_jpg.tar or a folder with test/<class>/*.jpg" if self.params.source == "cifar10" else \
+            hint = "cifar10_test_jpg.tar or a folder with test/<class>/*.jpg" if self.source() == "cifar10" else \
                 "a folder with <split>/metadata.jsonl and the images"
             raise CompressError(f"data.root: required for data.kind 'prompts' ({hint})")
         root = Path(self.root).expanduser()
@@ -141,10 +142,18 @@ class Prompts(DataSource):
             raise CompressError(f"data.root: not found: {root}")
         return root
 
+    def source(self) -> str:
+        if self.params.source != "auto":
+            return self.params.source
+        root = Path(self.root).expanduser() if self.root is not None else None
+        if root is not None and (root.suffix == ".tar" or (root / "test").is_dir()):
+            return "cifar10"
+        return "folder"
+
     def class_names(self) -> List[str]:
         from compress.data.cifar10 import CLASSES
 
-        return list(CLASSES) if self.params.source == "cifar10" else []
+        return list(CLASSES) if self.source() == "cifar10" else []
 
     def prompt_of(self, label: int) -> str:
         name = self.class_names()[label].replace("_", " ")
@@ -154,7 +163,7 @@ class Prompts(DataSource):
     def build(self, split: str, model: nn.Module, train: bool) -> Dataset:
         size = int(getattr(model, "image_size", 32))
         p = self.params
-        if p.source == "cifar10":
+        if self.source() == "cifar10":
             from compress.data.cifar10 import read_images, split_indices
 
             if split not in ("train", "val"):
@@ -170,8 +179,6 @@ class Prompts(DataSource):
                 idx = sorted(idx, key=lambda i: (rank[i], labels[i]))
             return Pairs([items[i][1] for i in idx], [self.prompt_of(labels[i]) for i in idx],
                          [labels[i] for i in idx], size, train, p.cfg_dropout)
-        if p.source != "folder":
-            raise CompressError(f"data.params.source: {p.source!r} is not 'folder' or 'cifar10'")
         folder = self._root() / split
         if not folder.is_dir():
             raise CompressError(f"data.root: {self._root()} has no split folder {split}/ (expected "
