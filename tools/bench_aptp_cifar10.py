@@ -156,16 +156,20 @@ def main() -> int:
     ap.add_argument("--prune-steps", type=int, default=150)
     ap.add_argument("--tune-steps", type=int, default=150)
     ap.add_argument("--target", type=float, default=0.6)
+    ap.add_argument("--router-lr", type=float, default=3e-2,
+                    help="router/codes learning rate: gates start at logit +3 (APTP's offset), so few steps need a "
+                         "large rate to move them (the paper: 1.6e-3 over 5000 steps)")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--references", type=int, default=2000, help="held-out images FID/KID compare against")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_aptp_cifar10"))
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     if args.quick:
-        args.dense_steps, args.prune_steps, args.tune_steps, args.images, args.steps = 40, 20, 10, 40, 5
-        args.batch = 16
+        args.dense_steps, args.prune_steps, args.tune_steps, args.images, args.steps = 30, 20, 10, 40, 5
+        args.batch, args.references = 16, 100
     found = bench_assets.find(args.assets, bench_assets.CIFAR10)
     if found is None:
         return 2
@@ -185,7 +189,7 @@ def main() -> int:
             "distill": {"teacher": "dense", "alpha": 0.5}}
     # 2. APTP
     aptp_export = fit(recipe("aptp", data, args.batch, [
-        {"kind": "prune", "max_steps": args.prune_steps, "optimizer": {"lr": 2e-3, "weight_decay": 0.0},
+        {"kind": "prune", "max_steps": args.prune_steps, "optimizer": {"lr": args.router_lr, "weight_decay": 0.0},
          "schedule": {"name": "constant"},
          "pruner": {"name": "aptp", "experts": args.experts, "target_macs_ratio": args.target,
                     "pretrain_steps": args.prune_steps // 4}}, tune], checkpoint=dense_ckpt), args.work)
@@ -225,12 +229,13 @@ def main() -> int:
     prompts, labels = val.prompts[:n], vy[:n]
     fid, kid = fid_kid(inception_weights("fid-helper"), kid_subset=min(100, n))
     fid.reset_real_features = kid.reset_real_features = False
-    for k in range(0, len(vx), 250):
-        ref = to_uint8((vx[k:k + 250] + 1) / 2)
+    refs = vx[:args.references]
+    for k in range(0, len(refs), 250):
+        ref = to_uint8((refs[k:k + 250] + 1) / 2)
         fid.update(ref, real=True)
         kid.update(ref, real=True)
     results = {"settings": vars(args) | {"assets": str(args.assets), "work": str(args.work), "out": str(args.out)},
-               "judge_val_acc": judge_acc, "references": len(vx), "rows": {}}
+               "judge_val_acc": judge_acc, "references": len(refs), "rows": {}}
     samples = {}
     for name, model in models.items():
         results["rows"][name], samples[name] = evaluate(name, model, prompts, labels, None, judge, args, (fid, kid))
