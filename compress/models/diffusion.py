@@ -79,6 +79,9 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
         self._cache: Dict[str, tuple] = {}
 
+    def __deepcopy__(self, memo):  # frozen and shared: copies of the model (dense reference, teacher) reuse it
+        return self
+
     @torch.no_grad()
     def _encode(self, prompts: List[str]):
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
@@ -103,6 +106,13 @@ class TextEncoder:
         return states.to(device), pooled.to(device)
 
 
+class _Shared(list):
+    """A list that ``copy.deepcopy`` does not copy: frozen helpers stay shared between model copies."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class TextToImage(nn.Module):
     """Denoiser + frozen helpers. ``unet`` is the only submodule (the weights that train and export);
     ``text``, ``prompt_encoder`` and ``vae`` live in lists so they stay out of state dicts and strategies."""
@@ -115,7 +125,7 @@ class TextToImage(nn.Module):
         self.scheduler_config = dict(scheduler_config)
         self._text = [text]
         self._prompt = [prompt_encoder or text]
-        self._vae = [vae.eval().requires_grad_(False)] if vae is not None else []
+        self._vae = _Shared([vae.eval().requires_grad_(False)] if vae is not None else [])
         self.image_size = image_size
         self.min_snr_gamma = min_snr_gamma
         self.ema_decay = ema_decay
@@ -215,14 +225,25 @@ class TextToImage(nn.Module):
 # -- builders ---------------------------------------------------------------------------------------
 
 
+_ENCODERS: Dict[tuple, TextEncoder] = {}
+
+
+def shared_encoder(model_dir: str, tokenizer_dir: Optional[str], max_length: int) -> TextEncoder:
+    """One frozen encoder per folder and length in a process: the dense copy, the teacher, the reloaded export
+    and every expert share it (it is never trained, and loading it is most of a small model's build time)."""
+    key = (str(Path(model_dir).resolve()), tokenizer_dir and str(Path(tokenizer_dir).resolve()), max_length)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = TextEncoder(model_dir, tokenizer_dir, max_length)
+    return _ENCODERS[key]
+
+
 def text_encoder(name: str, max_length: int) -> TextEncoder:
     if name == "minilm":
-        p = minilm_path()
-        return TextEncoder(str(p), max_length=max_length)
+        return shared_encoder(str(minilm_path()), None, max_length)
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise CompressError(f"model.kwargs.text_encoder: {name!r} is not 'minilm' or a transformers model folder")
-    return TextEncoder(str(path), max_length=max_length)
+        raise CompressError(f"model.kwargs.text_encoder_name: {name!r} is not 'minilm' or a transformers model folder")
+    return shared_encoder(str(path), None, max_length)
 
 
 SMALL = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -290,7 +311,7 @@ def sd_pipeline(pretrained: bool = False, pipeline: Optional[str] = None, max_to
             from diffusers import DDPMScheduler
 
             sched = dict(DDPMScheduler.load_config(str(root / "scheduler")))
-            text = TextEncoder(str(root / "text_encoder"), str(root / "tokenizer"), max_length=max_tokens)
+            text = shared_encoder(str(root / "text_encoder"), str(root / "tokenizer"), max_tokens)
             vae = AutoencoderKL.from_pretrained(str(root / "vae")) if (root / "vae").is_dir() else None
         else:
             unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet") if pretrained else \

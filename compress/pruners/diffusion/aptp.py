@@ -44,6 +44,9 @@ class APTPConfig(PrunerConfig):
     w_block: float = 0.2
     w_std: float = 0.1
     w_max: float = 0.1
+    w_commit: float = Field(1.0, ge=0, description="pulls the router's architecture toward its assigned code (1 - "
+                            "cosine; VQ-style commitment, not in the paper's loss list) so that argmax routing at "
+                            "inference reproduces the balanced training assignment")
 
 
 class RoutedUNets(nn.Module):
@@ -79,6 +82,23 @@ class RoutedUNets(nn.Module):
                 out = y.new_zeros(x.shape[0], *y.shape[1:])
             out = out.index_copy(0, idx, y)
         return out
+
+
+@torch.no_grad()
+def init_codes(router: Router, logits: torch.Tensor, emb: torch.Tensor) -> None:
+    """Data-dependent codebook init when router pretraining ends (as VQ codebooks are often seeded from
+    encoder outputs): the K most mutually different architectures the router predicts for the batch
+    (farthest-point on their routing embeddings) become the codes; with fewer distinct ones, the remaining
+    codes keep their init. Codes that all start at the base offset stay identical when only the resource loss
+    moves them, and argmax routing then sends every prompt to one expert."""
+    picked = [0]
+    for _ in range(1, min(router.experts, len(emb))):
+        closeness = (emb @ emb[picked].t()).max(1).values
+        j = int(closeness.argmin())
+        if closeness[j] > 1 - 1e-6:
+            break  # nothing new left
+        picked.append(j)
+    router.codes.weight[: len(picked)] = logits[picked]
 
 
 def route_argmax(router: Router, prompt_emb: torch.Tensor, pair_of, unit) -> torch.Tensor:
@@ -177,13 +197,19 @@ class APTP(Pruner):
         logits = r.logits(b.pooled)
         w_r, d_r = r.gates(logits, sample=True)
         e_r = r.embedding(w_r, d_r, self.pair_of, self.unit)
+        commit = logits.new_zeros(())
         if self.step < c.pretrain_steps:
             width, depth = w_r, d_r
         else:
-            wc, dc = r.code_gates(sample=True)
+            if self.step == c.pretrain_steps and model.training:
+                init_codes(r, logits.detach(), e_r.detach())
+            # noise-free code gates: the resource loss then measures exactly the experts that are exported
+            # (with Gumbel noise here the exported, noise-free experts came out well above the budget)
+            wc, dc = r.code_gates(sample=False)
             e_c = r.embedding(wc, dc, self.pair_of, self.unit)
             idx = sinkhorn(e_r.detach() @ e_c.detach().t(), c.sinkhorn_eps, c.sinkhorn_iters)
             width, depth = wc[idx], dc[idx]
+            commit = (1 - (e_r * e_c[idx].detach()).sum(-1)).mean()
         full_blocks, blocks = [], []
         with torch.no_grad():
             full = self._run(model, b, None, None, full_blocks)
@@ -197,6 +223,7 @@ class APTP(Pruner):
             "block": torch.stack([F.mse_loss(s, t) for s, t in zip(blocks, full_blocks)]).mean(),
             "std": -m.std() if m.numel() > 1 else m.new_zeros(()),
             "max": 1 - m.max(),
+            "commit": commit,
         }
         loss = losses["denoise"] + sum(getattr(c, f"w_{k}") * v for k, v in losses.items() if k != "denoise")
         if model.training:
