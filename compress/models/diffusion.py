@@ -341,3 +341,4 @@ def sd_pipeline(pretrained: bool = False, pipeline: Optional[str] = None, max_to
 
 
 sd_pipeline.folder_checkpoint = True  # model.checkpoint may name the pipeline folder (see build_model)
+sd_pipeline.task = unet_small.task = "diffusion"  # not image classifiers (tests/test_registry.py)
