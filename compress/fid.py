@@ -98,8 +98,8 @@ def fid_kid(weights: Path, kid_subset: int = 50):
     from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights), sync_on_compute=False)
     net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    fid = FrechetInceptionDistance(feature=net, sync_on_compute=False)  # one network for both metrics
     kid = KernelInceptionDistance(feature=net, subset_size=kid_subset, sync_on_compute=False)
     return fid, kid
 

