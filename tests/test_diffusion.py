@@ -83,6 +83,8 @@ def test_pipeline_folder_loads_unet_scheduler_text_encoder_and_vae(tmp_path):
     assert m.prediction_type == "v_prediction" and m.vae is not None and m.image_size == 16
     assert m.latent_shape() == (4, 8, 8)
     assert m.generate(["a cat"], steps=2).shape == (1, 3, 16, 16)
+    small = build_model(ModelConfig(name="sd_pipeline", checkpoint=tmp_path, kwargs={"max_tokens": 8, "image_size": 8}))
+    assert small.latent_shape() == (4, 4, 4) and small.generate(["a cat"], steps=1).shape == (1, 3, 8, 8)
 
 
 def test_pipeline_folder_without_unet_is_one_line_error(tmp_path):

@@ -119,7 +119,8 @@ class TextToImage(nn.Module):
 
     def __init__(self, unet: nn.Module, scheduler_config: Dict[str, Any], text: TextEncoder,
                  prompt_encoder: Optional[TextEncoder] = None, vae: Optional[nn.Module] = None,
-                 image_size: int = 32, min_snr_gamma: Optional[float] = None, ema_decay: Optional[float] = None):
+                 image_size: int = 32, min_snr_gamma: Optional[float] = None, ema_decay: Optional[float] = None,
+                 latent_size: Optional[int] = None):
         super().__init__()
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
@@ -129,6 +130,7 @@ class TextToImage(nn.Module):
         self.image_size = image_size
         self.min_snr_gamma = min_snr_gamma
         self.ema_decay = ema_decay
+        self.latent_size = latent_size
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -144,8 +146,9 @@ class TextToImage(nn.Module):
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     def latent_shape(self) -> tuple:
-        cfg = self.unet.config if hasattr(self.unet, "config") else self.unet.base_config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        cfg = self.unet.config
+        size = self.latent_size or int(cfg.sample_size)
+        return (int(cfg.in_channels), size, size)
 
     def encode_prompts(self, prompts: Sequence[str], device=None):
         """(token states for the UNet, sentence embeddings for routing)."""
@@ -286,8 +289,10 @@ def _pipeline_part(root: str, sub: str, local: bool) -> Optional[str]:
 @register_model("sd_pipeline")
 def sd_pipeline(pretrained: bool = False, pipeline: Optional[str] = None, max_tokens: int = 77,
                 prompt_encoder: Optional[str] = "minilm", min_snr_gamma: Optional[float] = None,
-                ema_decay: Optional[float] = None, prediction_type: Optional[str] = None):
-    """A diffusers pipeline folder (or a hub id when online). The UNet's weights are read only when
+                ema_decay: Optional[float] = None, prediction_type: Optional[str] = None,
+                image_size: Optional[int] = None):
+    """A diffusers pipeline folder (or a hub id when online); ``image_size`` trains and samples at another
+    resolution than the UNet's native one (APTP: 256 px for SD 2.1-base). The UNet's weights are read only when
     ``pretrained`` (``model.checkpoint`` = the folder); an export rebuilds the architecture from the
     folder's config and loads its own weights. The router's prompt encoder is MiniLM when installed, else
     the pipeline's own text encoder."""
@@ -335,9 +340,12 @@ def sd_pipeline(pretrained: bool = False, pipeline: Optional[str] = None, max_to
             prompt = text_encoder("minilm", 64)
         except CompressError:
             prompt = None
-    size = int(unet.config.sample_size) * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    size = image_size or int(unet.config.sample_size) * factor  # e.g. 256 for APTP's SD 2.1 setting
+    if size % factor:
+        raise CompressError(f"model.kwargs.image_size: {size} is not a multiple of the VAE's factor {factor}")
     return TextToImage(unet, sched, text, prompt, vae, image_size=size, min_snr_gamma=min_snr_gamma,
-                       ema_decay=ema_decay)
+                       ema_decay=ema_decay, latent_size=size // factor)
 
 
 sd_pipeline.folder_checkpoint = True  # model.checkpoint may name the pipeline folder (see build_model)
