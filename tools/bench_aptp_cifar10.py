@@ -130,7 +130,7 @@ def generate(model, prompts, steps, batch, seed=0, expert=None):
     return torch.cat(out)
 
 
-def evaluate(name, model, prompts, labels, ref_u8, judge, args, fid_state):
+def evaluate(name, model, prompts, labels, judge, args, fid_state):
     from compress.fid import fid_kid
     from compress.tasks.diffusion import to_uint8
 
@@ -238,7 +238,7 @@ def main() -> int:
                "judge_val_acc": judge_acc, "references": len(refs), "rows": {}}
     samples = {}
     for name, model in models.items():
-        results["rows"][name], samples[name] = evaluate(name, model, prompts, labels, None, judge, args, (fid, kid))
+        results["rows"][name], samples[name] = evaluate(name, model, prompts, labels, judge, args, (fid, kid))
     # cost: every model and every expert timed interleaved
     prof_models = {k: v for k, v in models.items() if k != "aptp"}
     prof = measure.profile(prof_models, lambda bs: task.example(shape, bs), (16,), repeats=9)
@@ -272,10 +272,8 @@ def write(results, experts, samples, models, args):
                                           "prompts": r["prompts"]} for r in experts["experts"]}
     exp_cols = [("gmacs", "GMACs", ".4f"), ("ratio", "MACs / dense", ".3f"), ("params", "params (M)", ".3f"),
                 ("ips", "images/s @16", ".1f"), ("speedup", "speed-up vs dense", ".2f"), ("prompts", "train prompts", "d")]
-    routes = "\n".join(f"| {p} | {k} |" for p, k in sorted(experts.get("prompts_by_expert", {}).items()))
     table_prompts = "| expert | prompts routed to it |\n|---|---|\n" + "\n".join(
         f"| {k} | {', '.join(v)} |" for k, v in experts.get("prompts_by_expert", {}).items())
-    del routes
     s = results["settings"]
     md = (f"# APTP on CIFAR-10 class prompts ({'quick check' if args.quick else 'benchmark'})\n\n"
           f"`python tools/bench_aptp_cifar10.py{' --quick' if args.quick else ''}`: dense {s['dense_steps']} steps, "

@@ -105,7 +105,6 @@ def _flops_by_module(unet: nn.Module, example) -> Dict[str, float]:
 def measure_structure(s: Structure, unet: nn.Module, example) -> None:
     """MACs per gate and per pair at batch 1 (``example`` = (x, t, cond) for ``unet(*example)``)."""
     macs = _flops_by_module(unet, example)
-    mods = dict(unet.named_modules())
     for g in s.groups:
         if g.kind == "resnet":
             gated = sum(macs.get(f"{g.path}.{c}", 0.0) for c in ("conv1", "conv2", "time_emb_proj"))
@@ -118,7 +117,6 @@ def measure_structure(s: Structure, unet: nn.Module, example) -> None:
         p.fixed_macs = max(0.0, whole - sum(g.macs * g.n for g in inside))
     s.total_macs = macs.get("", sum(v for k, v in macs.items() if k and "." not in k))
     s.prunable_macs = sum(g.macs * g.n for g in s.groups) + sum(p.fixed_macs for p in s.pairs)
-    del mods
 
 
 def macs_ratio(s: Structure, width: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
