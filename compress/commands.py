@@ -127,6 +127,8 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         task.use_data(data_source.dataset("val", pruned, train=False))
     results = compare(dense, pruned, lambda bs: task.example(size, bs, device), batch_sizes, device, repeats)
     results["source"] = source
+    if hasattr(task, "bench_details"):  # a task with more to say (per-expert rows of a routed diffusion export)
+        results["details"] = task.bench_details(pruned, size, batch_sizes, device, repeats, results["dense"]["gmacs"])
     from compress.pruners.weight import has_weight_pruner, storage_report
 
     if has_weight_pruner(pruners):  # unstructured zeros: nonzero params and the real file size
@@ -162,6 +164,8 @@ def bench_table(r: Dict[str, Any]) -> str:
         out += f"\nspeed-up in each of the interleaved rounds {spread}"
     if r.get("busy_cores_elsewhere") is not None and r["busy_cores_elsewhere"] > 0.5:
         out += f"\nwarning: other processes kept {r['busy_cores_elsewhere']:.1f} CPU cores busy; the speed ratios are unreliable"
+    if (r.get("details") or {}).get("table"):
+        out += "\n" + r["details"]["table"]
     if "storage" in r:
         from compress.pruners.weight import storage_lines
 

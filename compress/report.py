@@ -105,6 +105,10 @@ def finish(ctx) -> Dict[str, Any]:
         dev = _device(recipe)
         metrics["bench"] = compare(dense, model, lambda bs: ctx.task.example(ctx.input_size, bs, dev),
                                    (recipe.evaluate.batch_size,), dev)
+        if hasattr(ctx.task, "bench_details"):  # per-expert rows of a routed diffusion model
+            routed = next((e for e in edits if isinstance(e, dict) and "experts" in e), None)
+            metrics["bench"]["details"] = ctx.task.bench_details(model, ctx.input_size, (recipe.evaluate.batch_size,), dev,
+                                                                 dense_gmacs=metrics["bench"]["dense"]["gmacs"], edits=routed)
     if recipe.export.enabled:
         out = recipe.export.dir or (ctx.run_dir / "export")
         export_context(ctx, out, metrics, edits)
@@ -118,6 +122,8 @@ def finish(ctx) -> Dict[str, Any]:
     print()
     print(f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}")
     print(summary_table(metrics, ctx.task.columns))
+    if (metrics.get("bench") or {}).get("details", {}).get("table"):
+        print(metrics["bench"]["details"]["table"])
     if "storage" in metrics:
         print(storage_lines(metrics["storage"]))
     return metrics

@@ -138,6 +138,9 @@ def build_model(cfg) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``."""
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint).expanduser()
+        if path.is_dir() and getattr(MODELS.get(cfg.name) if cfg.name in MODELS else None, "folder_checkpoint", False):
+            cfg.kwargs["pipeline"] = str(path)  # the builder reads the folder; exports rebuild from it
+            return build_from_spec(model_spec(cfg.name, cfg.kwargs), pretrained=True)
         if path.is_dir() and (path / "model.safetensors").is_file():  # an export folder: its weights
             path = path / "model.safetensors"
         elif path.is_dir():

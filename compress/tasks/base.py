@@ -31,15 +31,24 @@ class Task:
         """The task of a dataset (``DataSource``), built for its classes."""
         from compress.registry import TASKS
 
-        return TASKS.get(source.task)(num_classes=source.num_classes)
+        return TASKS.get(source.task).from_source(source)
 
     @classmethod
     def for_manifest(cls, manifest: Dict[str, Any]) -> "Task":
         """The task an export was made for (see ``record``)."""
         from compress.registry import TASKS
 
-        info = manifest.get("task_info") or {}
-        return TASKS.get(manifest.get("task", "classification"))(num_classes=info.get("num_classes"))
+        return TASKS.get(manifest.get("task", "classification")).from_record(manifest.get("task_info") or {})
+
+    @classmethod
+    def from_source(cls, source) -> "Task":
+        """Hook: a task whose settings live in its data kind's params reads them here."""
+        return cls(num_classes=source.num_classes)
+
+    @classmethod
+    def from_record(cls, info: Dict[str, Any]) -> "Task":
+        """Hook, inverse of ``record``."""
+        return cls(num_classes=info.get("num_classes"))
 
     def record(self) -> Dict[str, Any]:
         """What an export stores about the task (``compress.json`` ``task_info``)."""
