@@ -439,13 +439,9 @@ def _read_done(path: Path) -> Dict[str, Any]:
 
 
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from compress.models.build import read_safetensors
 
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise CompressError(f"--resume: {path} is damaged ({e}); delete that stage folder to run the stage again") from None
+    return read_safetensors(path, "--resume", "; it is damaged: delete that stage folder to run the stage again")
 
 
 def _restore(ctx: RunContext) -> int:

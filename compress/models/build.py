@@ -48,15 +48,15 @@ def build_from_spec(spec: Dict[str, Any], pretrained: bool = False) -> nn.Module
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
 
 
-def read_safetensors(path: Path, what: str) -> Dict[str, torch.Tensor]:
-    """A safetensors file's tensors; a truncated or foreign file is one line naming it."""
+def read_safetensors(path: Path, what: str, advice: str = "") -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or foreign file is one line naming it (``advice``: what to do)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise CompressError(f"{what}: {path} is not a readable safetensors file ({e})") from None
+        raise CompressError(f"{what}: {path} is not a readable safetensors file ({e}){advice}") from None
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ class Pruner:
     name: ClassVar[str] = "?"
     kind: ClassVar[str] = "?"  # token | weight | structured | diffusion
     replay_on_load: ClassVar[bool] = False  # re-attach from spec() when loading an export
-    targets: ClassVar[str] = "any"  # the models it prunes: any | vit (timm ViT classifiers) | segmenter | vim
+    targets: ClassVar[str] = "any"  # the models it prunes: any | vit (timm ViT classifiers) | segmenter | vim | unet
     Config: ClassVar[type] = PrunerConfig
 
     def __init__(self, config: Optional[PrunerConfig] = None, **params: Any):

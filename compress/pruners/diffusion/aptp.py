@@ -131,6 +131,7 @@ class APTP(Pruner):
 
     name = "aptp"
     kind = "diffusion"
+    targets = "unet"
     Config = APTPConfig
 
     def __init__(self, config=None, **params):

@@ -53,6 +53,7 @@ class SingleArch(Pruner):
 
     name = "unet_magnitude"
     kind = "structured"
+    targets = "unet"
     Config = SingleArchConfig
 
     def __init__(self, config=None, **params):
