@@ -236,8 +236,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         stop = e if isinstance(e, Interrupted) else Interrupted(2)
-        resume = f"; resume with: compress fit --resume {stop.run_dir}" if getattr(stop, "run_dir", None) else ""
-        print(f"compress {args.command}: interrupted by {stop.signal_name}{resume}", file=sys.stderr)
+        from compress.run import is_global_zero
+
+        if is_global_zero():  # every rank of a multi-process run stops; the advice is said once
+            resume = f"; resume with: compress fit --resume {stop.run_dir}" if getattr(stop, "run_dir", None) else ""
+            print(f"compress {args.command}: interrupted by {stop.signal_name}{resume}", file=sys.stderr)
         return stop.exit_code
 
 

@@ -95,18 +95,55 @@ def resolve_strategy(strategy: Union[str, Dict[str, Any]], accelerator: str = "a
 
 
 @functools.lru_cache(maxsize=None)
-def deepspeed_strategy_class(cpu: bool) -> type:
-    """Lightning's ``DeepSpeedStrategy`` on GPUs; on CPU the subclass below (built once, on first use)."""
+def atomic_deepspeed_class() -> type:
+    """Lightning's ``DeepSpeedStrategy`` with atomic checkpoint folders (built once, on first use)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
+    class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+        """Lightning's DeepSpeed strategy whose checkpoint folders (``last.ckpt/``, one shard per rank) are
+        written beside their place and renamed into it by rank 0 once every rank has written its shard: an
+        interruption mid-save leaves the previous complete checkpoint (assumes the ranks share a filesystem,
+        as DeepSpeed's own loading of sharded checkpoints does)."""
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            import os
+            import shutil
+            from pathlib import Path
+
+            from compress import files
+
+            final = Path(self.broadcast(str(filepath)))
+            tmp = final.parent / f"{files.TMP_PREFIX}{final.name}"
+            if self.is_global_zero:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.barrier("compress_ckpt_start")
+            super().save_checkpoint(checkpoint, str(tmp), storage_options)
+            self.barrier("compress_ckpt_written")
+            if self.is_global_zero:
+                old = final.parent / f"{files.TMP_PREFIX}{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            self.barrier("compress_ckpt_renamed")
+
+    return AtomicDeepSpeedStrategy
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_strategy_class(cpu: bool) -> type:
+    """Lightning's ``DeepSpeedStrategy`` on GPUs; on CPU the subclass below (built once, on first use)."""
+    AtomicDeepSpeedStrategy = atomic_deepspeed_class()
     if not cpu:
-        return DeepSpeedStrategy
+        return AtomicDeepSpeedStrategy
 
     import argparse
 
     from lightning.pytorch.strategies.ddp import DDPStrategy
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
         """Lightning's DeepSpeed strategy on a CPU accelerator (gloo). It skips the CUDA-only check and the
         CUDA device-index validation, and hands ``deepspeed.initialize`` the local rank as device rank
         (Lightning passes the root device's index, which is None on CPU)."""

@@ -145,6 +145,8 @@ def test_zero3_resume_after_sigterm_mid_stage(tmp_path):
     assert code == 128 + signal.SIGTERM, err[-3000:]
     run = only_run(tmp_path / "runs")
     assert f"compress fit --resume {run.relative_to(tmp_path)}" in err
+    assert err.count("resume with") == 1, err[-3000:]  # said once, by rank 0, though both ranks stopped
+    assert not list(run.rglob(".compress-tmp-*"))  # the checkpoint folder was renamed into place whole
     assert not (run / "stages" / "1-finetune" / "done.json").exists()
     ckpt = run / "stages" / "1-finetune" / "checkpoints" / "last.ckpt"
     assert sorted(p.name for p in (ckpt / "checkpoint").iterdir()) == [  # one shard per rank, saved together
@@ -172,7 +174,11 @@ def test_deepspeed_strategy_resolution_and_validation():
     cpu = deepspeed_strategy_class(True)
     s3 = resolve_strategy("deepspeed_stage_3", "cpu")
     assert type(s3) is cpu and s3.zero_stage_3
-    assert type(resolve_strategy("deepspeed_stage_2", "gpu")).__name__ == "DeepSpeedStrategy"
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    on_gpu = resolve_strategy("deepspeed_stage_2", "gpu")  # Lightning's, with atomic checkpoint folders
+    assert isinstance(on_gpu, DeepSpeedStrategy) and type(on_gpu).__name__ == "AtomicDeepSpeedStrategy"
+    assert issubclass(cpu, type(on_gpu))
     own = resolve_strategy({"deepspeed": {"zero_optimization": {"stage": 3}}}, "cpu")
     assert own.config["zero_optimization"]["stage"] == 3 and own.config["zero_allow_untested_optimizer"]
     assert zero_stage({"deepspeed": {"zero_optimization": {"stage": 3}}}) == 3 and zero_stage("deepspeed") == 2
@@ -219,4 +225,43 @@ def test_bf16_zero2_on_gpu_exports_fp32(tmp_path):
     run = only_run(tmp_path / "runs")
     model = compress.load(run / "export")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # exported from DeepSpeed's fp32 master copy
+    export_matches_final_weights(run)
+
+
+TOKEN_FAMILIES = {
+    # ToP-ViM on a tiny Vim: the selective scan's A_log/D and the conv weights partitioned by ZeRO-3
+    "vim_top_vim": {
+        "model": {"name": "vim_custom", "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3,
+                                                   "d_state": 4, "num_classes": 4}},
+        "stages": [{"kind": "prune", "max_steps": 2, "pruner": {"name": "top_vim", "keep_ratio": 0.5,
+                                                                 "prune_layers": [1]}},
+                   {"kind": "distill", "max_steps": 2, "distill": {"teacher": "dense"}}]},
+    # DToP on a tiny segmenter on real CamVid crops: early exits at the auxiliary heads, per-pixel distillation
+    "segmenter_dtop": {
+        "model": {"name": "segmenter", "kwargs": {"backbone": "deit_tiny_patch16_224", "num_classes": 11,
+                                                  "img_size": 32, "aux_blocks": [0], "backbone_kwargs": {"depth": 2}}},
+        "data": {"kind": "camvid", "root": "camvid", "batch_size": 2, "num_workers": 0, "limit": 8,
+                 "params": {"crop_size": [32, 32]}},
+        "stages": [{"kind": "prune", "max_steps": 2, "pruner": {"name": "dtop", "threshold": 0.2, "top_k": 1}},
+                   {"kind": "distill", "max_steps": 2, "distill": {"teacher": "dense", "alpha": 0.5}}],
+        "evaluate": {"batch_size": 2, "bench": False}},
+}
+
+
+@pytest.mark.parametrize("family", sorted(TOKEN_FAMILIES))
+def test_zero3_token_pruners_of_vim_and_segmenter(tmp_path, family):
+    """The other model families' token pruners under ZeRO-3 with 2 ranks: one run, one export, the export gives
+    the logits (or logit maps) of the consolidated weights the run ended with."""
+    changes = json.loads(json.dumps(TOKEN_FAMILIES[family]))
+    if "data" in changes:
+        from conftest import need_asset
+
+        changes["data"]["root"] = str(need_asset(changes["data"]["root"]))
+    recipe = write_recipe(tmp_path, "deepspeed_stage_3", **changes)
+    code, out, err = finish(cli(["fit", "--recipe", str(recipe), "--out", "runs"], tmp_path))
+    assert code == 0, err[-4000:]
+    run = only_run(tmp_path / "runs")
+    assert out.count("exported to") == 1
+    model = compress.load(run / "export")
+    assert [p.name for p in model._compress_pruners] == [changes["stages"][0]["pruner"]["name"]]
     export_matches_final_weights(run)
