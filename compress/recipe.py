@@ -59,6 +59,8 @@ class DistillConfig(Strict):
     checkpoint: Optional[Path] = None
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1 - alpha goes to the labels")
     temperature: float = Field(1.0, gt=0)
+    block_weight: float = Field(0.0, ge=0, description="weight of the block-output MSE to the teacher (tasks "
+                                "whose models have blocks to match: diffusion UNets, APTP's block loss); 0 = off")
 
 
 class PrunerRef(BaseModel):

@@ -115,6 +115,10 @@ def prepare(recipe: Recipe, run_dir: Path) -> RunContext:
     task = Task.for_source(source)
     model = build_model(recipe.model)
     task.check_model(model, f"model.kwargs.num_classes: {recipe.model.name} with data.kind {recipe.data.kind!r}")
+    for i, s in enumerate(recipe.stages):
+        if s.distill is not None and s.distill.block_weight and not task.block_distill:
+            raise CompressError(f"stages[{i}].distill.block_weight: the {task.name} task has no block outputs to "
+                                "match (diffusion UNets have); leave it at 0")
     for where, split in check_pruners(recipe, model):
         try:
             source.dataset(split, model, train=False)

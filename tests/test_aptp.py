@@ -154,6 +154,37 @@ def test_export_round_trip_rebuilds_router_and_experts(attached, tmp_path):
     images = loaded.generate(["a photo of a cat"], steps=2)
     assert images.shape == (1, 3, 16, 16)
 
+    # the experts' fine-tune matches each expert's block outputs with the full UNet's on that expert's samples
+    from compress.tasks.block_distill import block_loss, capture_blocks, unet_blocks
+
+    full = copy.deepcopy(attached[0]).eval()
+    with torch.no_grad():
+        with capture_blocks(full.unet) as t_calls:
+            full(b.noisy, b.t, b.cond)
+        with capture_blocks(loaded.unet) as s_calls:
+            loaded(b.noisy, b.t, b.cond, route)
+        got = block_loss(s_calls, t_calls[0], route)
+        want, n = 0.0, 0
+        for k in route.unique().tolist():
+            idx = (route == k).nonzero().squeeze(1)
+            alone, ref = [], []
+            hooks = [blk.register_forward_hook(lambda m_, a, o: alone.append(o[0] if isinstance(o, tuple) else o))
+                     for blk in unet_blocks(loaded.unet.experts[k])]
+            hooks += [blk.register_forward_hook(lambda m_, a, o: ref.append(o[0] if isinstance(o, tuple) else o))
+                      for blk in unet_blocks(full.unet)]
+            loaded.unet.experts[k](b.noisy[idx], b.t[idx], encoder_hidden_states=b.cond[idx])
+            full(b.noisy[idx], b.t[idx], b.cond[idx])
+            for h in hooks:
+                h.remove()
+            want += len(idx) * torch.stack([torch.nn.functional.mse_loss(s, t) for s, t in zip(alone, ref)]).mean()
+            n += len(idx)
+    assert len(t_calls) == 1 and len(s_calls) == len(route.unique())
+    assert got > 0  # the sliced experts' blocks differ from the full UNet's
+    torch.testing.assert_close(got, want / n, rtol=1e-4, atol=1e-7)
+    with torch.no_grad(), capture_blocks(full.unet) as again:
+        full(b.noisy, b.t, b.cond)
+    assert block_loss(again, t_calls[0], None) == 0  # the same UNet matches itself
+
 
 def test_single_architecture_baseline_meets_the_budget_and_round_trips(tmp_path):
     import compress

@@ -116,6 +116,8 @@ CASES = [
     pytest.param("fit", quick("trainer.precision=fp16"), ["trainer.precision:", "'fp16'"], id="precision-name"),
     pytest.param("fit", quick("trainer.precision=15"), ["trainer.precision:", "15"], id="precision-number"),
     pytest.param("fit", quick("trainer.precision=16.0"), ["trainer.precision:", "16.0"], id="precision-float"),
+    pytest.param("fit", quick("stages.2.distill.block_weight=0.2"),
+                 ["stages[2].distill.block_weight:", "classification task has no block outputs"], id="block-distill-task"),
     pytest.param("fit", quick("trainer.devices=0"), ["trainer.devices:", "0 is not a device count"], id="devices-0"),
     pytest.param("fit", quick("trainer.devices=-2"), ["trainer.devices:", "-2"], id="devices-negative"),
     pytest.param("fit", quick("trainer.devices=[]"), ["trainer.devices:", "[]"], id="devices-empty-list"),

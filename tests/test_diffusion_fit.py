@@ -39,6 +39,8 @@ def test_fit_exports_router_and_experts(run):
     assert manifest["task"] == "diffusion" and manifest["pruners"][0]["spec"]["name"] == "aptp"
     model = compress.load(run_dir / "export")
     assert model.generate(["a red square"], steps=2).shape == (1, 3, 16, 16)
+    logged = (run_dir / "stages" / "2-distill" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/kd" in logged and "train/block" in logged  # the experts' fine-tune: output and block distillation
 
 
 def test_eval_and_bench_on_the_export(run, capsys, tmp_path):

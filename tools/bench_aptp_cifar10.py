@@ -160,6 +160,8 @@ def main() -> int:
                     help="router/codes learning rate: gates start at logit +3 (APTP's offset), so few steps need a "
                          "large rate to move them (the paper: 1.6e-3 over 5000 steps)")
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--block-weight", type=float, default=0.2,
+                    help="block-output distillation in the fine-tune of APTP's experts and of the baseline")
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--references", type=int, default=2000, help="held-out images FID/KID compare against")
@@ -186,7 +188,7 @@ def main() -> int:
          "schedule": {"warmup_steps": min(100, args.dense_steps // 10)}}]), args.work)
     dense_ckpt = dense_export / "model.safetensors"
     tune = {"kind": "distill", "max_steps": args.tune_steps, "optimizer": {"lr": 2e-4, "weight_decay": 0.0},
-            "distill": {"teacher": "dense", "alpha": 0.5}}
+            "distill": {"teacher": "dense", "alpha": 0.5, "block_weight": args.block_weight}}
     # 2. APTP
     aptp_export = fit(recipe("aptp", data, args.batch, [
         {"kind": "prune", "max_steps": args.prune_steps, "optimizer": {"lr": args.router_lr, "weight_decay": 0.0},

@@ -22,6 +22,7 @@ class Task:
     name: ClassVar[str] = "?"
     columns: ClassVar[Sequence[Column]] = ()  # the quality metrics of a report, in table order
     primary: ClassVar[str] = ""  # the metric whose change the report and benchmarks quote
+    block_distill: ClassVar[bool] = False  # whether its module honours ``distill.block_weight``
 
     def __init__(self, num_classes: Optional[int] = None):
         self.num_classes = num_classes

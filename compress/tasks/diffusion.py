@@ -3,7 +3,8 @@
 Training (``DiffusionModule``): a timestep per image, the scheduler's forward noising, MSE on epsilon or
 v (the model's ``prediction_type``), optionally min-SNR-gamma weighted (Hang et al.); empty captions
 come from the data (``cfg_dropout``) and give classifier-free guidance. A ``distill`` stage adds the
-MSE to the dense teacher's prediction. EMA (``model.ema_decay``) keeps shadow weights of what trains and
+MSE to the dense teacher's prediction, and with ``distill.block_weight`` the MSE of the UNet block outputs
+(APTP's block loss; routed experts are matched on their own samples). EMA (``model.ema_decay``) keeps shadow weights of what trains and
 copies them in when the stage ends. A pruner with ``diffusion_loss`` (APTP) takes over the loss.
 
 Evaluation generates one image per prompt of the split (DDIM, guidance) and compares them with the
@@ -11,6 +12,7 @@ split's images by FID and KID on the TF-Inception network (see ``compress.fid``)
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
@@ -22,6 +24,7 @@ from compress.errors import CompressError
 from compress.progress import track
 from compress.registry import register_task
 from compress.tasks.base import Task
+from compress.tasks.block_distill import block_loss, capture_blocks
 from compress.tasks.module import StageModule
 
 DEFAULT_COND = (16, 384)  # (tokens, width) when no model was seen (bench --recipe): MiniLM's
@@ -81,16 +84,22 @@ class DiffusionModule(StageModule):
             loss, logs = custom[0].diffusion_loss(self.model, b, self.teacher)
         else:
             route = self.model.route(b.pooled)
-            pred = self.model(b.noisy, b.t, b.cond, route) if route is not None else self.model(b.noisy, b.t, b.cond)
+            blocks = self.teacher is not None and self.stage.distill.block_weight > 0
+            with (capture_blocks(self.model.unet) if blocks else nullcontext()) as s_blocks:
+                pred = self.model(b.noisy, b.t, b.cond, route) if route is not None else self.model(b.noisy, b.t, b.cond)
             loss = weighted_mse(pred, b.target, b.weight)
             logs = {"train/denoise": loss.detach()}
             if self.teacher is not None:
                 cfg = self.stage.distill
-                with torch.no_grad():
+                with torch.no_grad(), (capture_blocks(self.teacher.unet) if blocks else nullcontext()) as t_blocks:
                     t_pred = self.teacher(b.noisy, b.t, b.cond)
                 kd = F.mse_loss(pred, t_pred)
                 logs["train/kd"] = kd.detach()
                 loss = (1 - cfg.alpha) * loss + cfg.alpha * kd
+                if blocks:  # APTP's fine-tune: the block outputs follow the full UNet's too
+                    blk = block_loss(s_blocks, t_blocks[0], route)
+                    logs["train/block"] = blk.detach()
+                    loss = loss + cfg.block_weight * blk
         for k, v in logs.items():
             self.log(k, v)
         self.log("train/loss", loss, prog_bar=True)
@@ -175,6 +184,7 @@ class Diffusion(Task):
     name = "diffusion"
     columns = (("fid", "FID", ".2f"), ("kid", "KID", ".4f"), ("clip_score", "CLIP", ".2f"))
     primary = "fid"
+    block_distill = True
 
     def __init__(self, num_classes=None, settings=None, cond_shape=None):
         super().__init__(num_classes)

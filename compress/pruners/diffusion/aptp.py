@@ -27,6 +27,7 @@ from compress.pruners.diffusion.gates import GateHooks, Structure, find_structur
 from compress.pruners.diffusion.router import Router, contrastive_loss, sinkhorn
 from compress.pruners.diffusion.slicing import keep_from_gates, slice_unet
 from compress.registry import register_pruner
+from compress.tasks.block_distill import capture_blocks
 
 
 class APTPConfig(PrunerConfig):
@@ -110,10 +111,6 @@ def route_argmax(router: Router, prompt_emb: torch.Tensor, pair_of, unit) -> tor
     return (e @ ec.t()).argmax(-1)
 
 
-def _blocks(unet: nn.Module) -> List[nn.Module]:
-    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-
-
 def _dataset_prompts(ds) -> List[str]:
     from torch.utils.data import Subset
 
@@ -181,15 +178,14 @@ class APTP(Pruner):
         return not self.sliced
 
     def _run(self, model, b, width, depth, capture: List[torch.Tensor]):
-        handles = [blk.register_forward_hook(lambda m, a, o: capture.append(o[0] if isinstance(o, tuple) else o))
-                   for blk in _blocks(model.unet)]
         try:
             self.hooks.set(width, depth)
-            return model(b.noisy, b.t, b.cond)
+            with capture_blocks(model.unet) as calls:
+                out = model(b.noisy, b.t, b.cond)
+            capture.extend(calls[0])
+            return out
         finally:
             self.hooks.set(None, None)
-            for h in handles:
-                h.remove()
 
     def diffusion_loss(self, model, b, teacher=None):
         from compress.tasks.diffusion import weighted_mse
