@@ -20,6 +20,32 @@ def test_sinkhorn_balances_what_argmax_does_not():
     assert counts.min() >= 8 and counts.max() <= 32
 
 
+def _skewed_scores():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(32, 4, generator=g) * 0.05
+    scores[:16, 0] += 0.2  # the first half (rank 0's) prefers code 0, the second half (rank 1's) code 1
+    scores[16:, 1] += 0.2
+    return scores
+
+
+def _sinkhorn_on_rank(rank, world):
+    from compress.pruners.diffusion.router import sinkhorn
+
+    half = _skewed_scores().chunk(world)[rank]
+    return sinkhorn(half, eps=0.05, iters=3).tolist()
+
+
+def test_sinkhorn_under_ddp_balances_the_global_batch(tmp_path):
+    """Two gloo ranks with half a batch each assign exactly what one process assigns to the whole batch."""
+    from compress.pruners.diffusion.router import sinkhorn
+    from ranks import run_on_ranks
+
+    whole = sinkhorn(_skewed_scores(), eps=0.05, iters=3).tolist()
+    local = sum((sinkhorn(h, eps=0.05, iters=3).tolist() for h in _skewed_scores().chunk(2)), [])
+    assert local != whole  # balancing each half alone is a different assignment
+    assert sum(run_on_ranks(_sinkhorn_on_rank, tmp_path), []) == whole
+
+
 def test_ordered_depth_gates_are_monotone_in_priority():
     from compress.pruners.diffusion.router import depth_order, ordered_depth_logits
 

@@ -50,13 +50,34 @@ def depth_order(n: int) -> List[int]:
     return idx
 
 
+def _world():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
-    """SwAV-style balanced assignment: (B, K) similarities -> expert per sample (argmax of the plan)."""
-    q = torch.exp((scores - scores.max()) / eps).t()  # K x B
-    q = q / q.sum()
+    """SwAV-style balanced assignment: (B, K) similarities -> expert per sample (argmax of the plan).
+
+    Under several processes (DDP) the plan balances the experts over the *global* batch, as APTP's all-reduce
+    variant does: the maximum, the total and the per-expert sums are all-reduced, so each rank's assignment is
+    the one a single process would make for the concatenated batch."""
+    dist = _world()
+    top = scores.detach().max()
+    if dist is not None:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp((scores - top) / eps).t()  # K x B
     k, b = q.shape
+    total = q.sum()
+    if dist is not None:
+        dist.all_reduce(total)
+        b = b * dist.get_world_size()
+    q = q / total
     for _ in range(iters):
-        q = q / q.sum(1, keepdim=True) / k
+        per_expert = q.sum(1, keepdim=True)
+        if dist is not None:
+            dist.all_reduce(per_expert)
+        q = q / per_expert / k
         q = q / q.sum(0, keepdim=True) / b
     return q.argmax(0)
 
