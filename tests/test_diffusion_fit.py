@@ -1,5 +1,6 @@
 """End to end through the CLI: dense training, APTP pruning into experts, distillation, export, eval, bench."""
 import json
+import time
 
 import pytest
 
@@ -68,3 +69,46 @@ def test_export_from_the_stage_records_matches_the_run_export(run, tmp_path):
     a, b = compress.load(run_dir / "export"), compress.load(tmp_path / "again")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("stage", ["1-prune", "2-distill"])
+def test_sigterm_mid_aptp_stage_then_resume(tmp_path, stage):
+    """A SIGTERM during the router/codes training (the step counter decides pretraining vs codes) or during the
+    experts' fine-tune (the model is already K sliced UNets), then ``--resume``: the stage continues from the
+    saved step with the pruner's state, and the run exports the router and the experts."""
+    import signal
+
+    import torch
+    import yaml
+
+    from test_faults import cli, wait_for
+
+    root = caption_folder(tmp_path / "captions")
+    index = int(stage[0])
+    sets = [o.format(root=root) for o in OVERRIDES] + [f"stages.{index}.max_steps=2000",
+                                                      "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1"]
+    out = tmp_path / "runs"
+    proc = cli(["fit", "--recipe", "recipes/cifar10_unet_aptp.yaml", "--out", str(out),
+                *(a for s in sets for a in ("--set", s))])
+    ckpt = wait_for(f"*/*/stages/{stage}/checkpoints/last.ckpt", out, proc, timeout=300)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    saved = torch.load(ckpt, weights_only=True)
+    step, state = saved["global_step"], saved["compress_pruners"][0]
+    assert 2 <= step < 2000 and state["sliced"] == (stage == "2-distill")
+    if stage == "1-prune":
+        assert state["step"] == step  # APTP's own counter (pretraining, then codes) rides in the checkpoint
+
+    run_dir = ckpt.parents[3]
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["stages"][index]["max_steps"] = step + 2
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["fit", "--resume", str(run_dir)]) == 0
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["global_step"] > step  # trained on from the saved step
+    if stage == "1-prune":  # APTP's counter went on from the saved step, not from 0
+        assert resumed["compress_pruners"][0]["step"] == resumed["global_step"]
+    model = compress.load(run_dir / "export")
+    assert type(model.unet).__name__ == "RoutedUNets" and len(model.unet.experts) == 4
