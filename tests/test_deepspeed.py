@@ -232,7 +232,7 @@ TOKEN_FAMILIES = {
     # ToP-ViM on a tiny Vim: the selective scan's A_log/D and the conv weights partitioned by ZeRO-3
     "vim_top_vim": {
         "model": {"name": "vim_custom", "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3,
-                                                   "d_state": 4, "num_classes": 4}},
+                                                   "d_state": 4, "num_classes": 6}},
         "stages": [{"kind": "prune", "max_steps": 2, "pruner": {"name": "top_vim", "keep_ratio": 0.5,
                                                                  "prune_layers": [1]}},
                    {"kind": "distill", "max_steps": 2, "distill": {"teacher": "dense"}}]},
