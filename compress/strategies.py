@@ -173,15 +173,16 @@ def deepspeed_strategy_class(cpu: bool) -> type:
 
 
 def check_deepspeed(recipe) -> None:
-    """What a DeepSpeed recipe cannot run, refused before anything is written: mixed precision on CPU (DeepSpeed's
-    CPU accelerator trains fp32 here; bf16/fp16 are for GPUs), and pruners that say they cannot work on
-    partitioned ZeRO-3 weights (``Pruner.zero3_problem``)."""
+    """What a DeepSpeed recipe cannot run, refused before anything is written: fp16 on CPU (DeepSpeed's CPU
+    accelerator trains fp32, or bf16 with an fp32 master copy; fp16 with loss scaling is for GPUs), and pruners
+    that say they cannot work on partitioned ZeRO-3 weights (``Pruner.zero3_problem``)."""
     t = recipe.trainer
     stage = zero_stage(t.strategy)
     if stage is None:
         return
-    if _cpu(t.accelerator) and str(t.precision) not in ("32", "32-true"):
-        raise CompressError(f"trainer.precision: {t.precision!r} under DeepSpeed needs CUDA GPUs; on CPU use 32-true")
+    if _cpu(t.accelerator) and str(t.precision) not in ("32", "32-true", "bf16-mixed", "bf16"):
+        raise CompressError(f"trainer.precision: {t.precision!r} under DeepSpeed needs CUDA GPUs; on CPU use 32-true "
+                            "or bf16-mixed")
     if stage < 3:
         return
     from compress.registry import PRUNERS
