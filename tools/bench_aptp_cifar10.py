@@ -3,9 +3,10 @@ class prompts ("a photo of a cat"), on this CPU.
 
     python tools/bench_aptp_cifar10.py [--assets ../shared/assets] [--quick]
 
-About 80-100 minutes alone on an idle 2-core CPU with the defaults (dense training is half of it); ``--quick``
-(a few steps and images, ~10 min on a busy machine) only checks that the pipeline runs. Run it alone: other
-processes on the cores slow every step several-fold.
+About 95 minutes on a 2-core CPU with the defaults (measured: dense training 37 min, APTP and the three
+fine-tunes 19 min, reference features, generation and FID 40 min); ``--quick`` (a few steps and images, ~10 min
+on a busy machine) only checks that the pipeline runs. Run it alone: other processes on the cores slow every
+step several-fold.
 
 1. dense: a pixel-space ``unet_small`` (32 px, MiniLM text encoder, v-prediction, min-SNR 5) trained on the
    train split (8,000 images) for ``--dense-steps``;
