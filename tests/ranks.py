@@ -30,6 +30,7 @@ def _entry(rank: int, world: int, port: int, out: str, fn: Callable[[int, int], 
     try:
         result = fn(rank, world)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective (that aborts it)
     finally:
         dist.destroy_process_group()
 
