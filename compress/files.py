@@ -101,16 +101,23 @@ def atomic_dir(path: Union[str, Path]) -> Iterator[Path]:
         for f in tmp.rglob("*"):  # some writers (safetensors) make private files
             os.chmod(f, user_mode(directory=f.is_dir()))
         os.chmod(tmp, user_mode(directory=True))
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".old.", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Union[str, Path], path: Union[str, Path]) -> None:
+    """Put the complete folder ``tmp`` at ``path``: an old folder there is moved aside first and removed after,
+    so ``path`` never holds a partial version."""
+    tmp, path = Path(tmp), Path(path)
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".old.", dir=path.parent))
+        os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sweep_temporaries(folder: Union[str, Path]) -> int:

@@ -106,7 +106,6 @@ def atomic_deepspeed_class() -> type:
         as DeepSpeed's own loading of sharded checkpoints does)."""
 
         def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-            import os
             import shutil
             from pathlib import Path
 
@@ -121,12 +120,7 @@ def atomic_deepspeed_class() -> type:
             super().save_checkpoint(checkpoint, str(tmp), storage_options)
             self.barrier("compress_ckpt_written")
             if self.is_global_zero:
-                old = final.parent / f"{files.TMP_PREFIX}{final.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                if final.exists():
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+                files.replace_dir(tmp, final)
             self.barrier("compress_ckpt_renamed")
 
     return AtomicDeepSpeedStrategy

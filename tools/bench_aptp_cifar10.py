@@ -132,7 +132,6 @@ def generate(model, prompts, steps, batch, seed=0, expert=None):
 
 
 def evaluate(name, model, prompts, labels, judge, args, fid_state):
-    from compress.fid import fid_kid
     from compress.tasks.diffusion import to_uint8
 
     t0 = time.time()

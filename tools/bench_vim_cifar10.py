@@ -80,17 +80,8 @@ def val_tensors(data_root: Path, model, limit) -> torch.utils.data.TensorDataset
 
 
 def val_logits(model, val) -> torch.Tensor:
-    model.eval()
     torch.manual_seed(0)  # the random variant draws its tokens from the global generator
-    with torch.inference_mode():
-        return torch.cat([model(x) for x, _ in torch.utils.data.DataLoader(val, batch_size=100)])
-
-
-def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> dict:
-    """How far pruning moved the predictions of the model it started from (less noisy than top-1 on 2,000
-    images): % of images with the same top-1 class, and the mean KL(ref || pruned) of the softmax."""
-    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
-    return {"agree": 100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), "kl": float(kl)}
+    return bench_assets.logits(model, val)
 
 
 def main(argv=None) -> int:
@@ -167,9 +158,10 @@ def main(argv=None) -> int:
         m = models[name]
         pr = getattr(m, "_top_vim", None)
         logits[name] = val_logits(m, val)
+        # how far pruning moved the predictions of the model the row started from (less noisy than top-1)
         ref = logits["dense +ft" if name.endswith("+ft") else "dense"] if name != "dense +ft" else logits["dense"]
-        rows[name] = {"top1": 100.0 * float((logits[name].argmax(-1) == labels).float().mean()),
-                      **fidelity(logits[name], ref),
+        pair = bench_assets.paired(ref, logits[name], labels)
+        rows[name] = {"top1": pair["top1"]["pruned"], "agree": pair["agreement"], "kl": pair["kl"],
                       "gmacs": measure.count_gmacs(m, example), "params": measure.count_params(m),
                       "keep": getattr(pr, "keep", None), "tokens": pr.expected_tokens() if pr else None}
         print(f"[bench] {name}: top-1 {rows[name]['top1']:.2f}, {rows[name]['gmacs']:.4f} GMACs", flush=True)

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from compress.errors import CompressError
 from compress.pruners.base import Pruner, PrunerConfig
-from compress.pruners.diffusion.gates import GateHooks, Structure, find_structure, macs_ratio, measure_structure
+from compress.pruners.diffusion.gates import GateHooks, Structure, find_structure, macs_ratio, unet_structure
 from compress.pruners.diffusion.router import Router, contrastive_loss, sinkhorn
 from compress.pruners.diffusion.slicing import keep_from_gates, slice_unet
 from compress.registry import register_pruner
@@ -142,16 +142,10 @@ class APTP(Pruner):
 
     # -- attach --------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        unet = getattr(model, "unet", None)
-        if unet is None or not hasattr(unet, "down_blocks") or not hasattr(model, "encode_prompts"):
-            raise CompressError("aptp prunes the UNet of a text-to-image model (model.name: unet_small or sd_pipeline)")
         c = self.config
-        self.structure = find_structure(unet, c.ff_gate_groups)
+        unet, self.structure = unet_structure(model, c.ff_gate_groups, "aptp")
         if not self.structure.groups:
             raise CompressError("aptp: the UNet has no prunable groups (attention heads, ResNet groups, GEGLU)")
-        tokens, width = model.text.max_length, model.text.dim
-        example = (torch.randn(1, *model.latent_shape()), torch.tensor([500]), torch.randn(1, tokens, width))
-        measure_structure(self.structure, unet, example)
         total, prunable = self.structure.total_macs, self.structure.prunable_macs
         self.target = 1 - (1 - c.target_macs_ratio) * total / prunable  # total-MACs target -> prunable-MACs target
         if self.target <= 0:

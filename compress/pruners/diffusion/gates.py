@@ -119,6 +119,22 @@ def measure_structure(s: Structure, unet: nn.Module, example) -> None:
     s.prunable_macs = sum(g.macs * g.n for g in s.groups) + sum(p.fixed_macs for p in s.pairs)
 
 
+def unet_structure(model: nn.Module, ff_gate_groups: int, pruner: str):
+    """(unet, its gate groups with MACs measured at batch 1) of a text-to-image model; other models are refused,
+    naming ``pruner``."""
+    from compress.errors import CompressError
+
+    unet = getattr(model, "unet", None)
+    if unet is None or not hasattr(unet, "down_blocks") or not hasattr(model, "encode_prompts"):
+        raise CompressError(f"{pruner} prunes the UNet of a text-to-image model (model.name: unet_small or "
+                            "sd_pipeline)")
+    s = find_structure(unet, ff_gate_groups)
+    example = (torch.randn(1, *model.latent_shape()), torch.tensor([500]),
+               torch.randn(1, model.text.max_length, model.text.dim))
+    measure_structure(s, unet, example)
+    return unet, s
+
+
 def macs_ratio(s: Structure, width: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """Differentiable prunable-MACs ratio per sample from gates (B, width_dim) and (B, n_pairs)."""
     per_group, start = [], 0

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from compress.errors import CompressError
 from compress.pruners.base import Pruner, PrunerConfig
-from compress.pruners.diffusion.gates import Group, find_structure, measure_structure
+from compress.pruners.diffusion.gates import Group, find_structure, unet_structure
 from compress.pruners.diffusion.slicing import slice_unet
 from compress.registry import register_pruner
 
@@ -61,13 +61,7 @@ class SingleArch(Pruner):
         self.keep: Dict[str, List[int]] = {}
 
     def attach(self, model: nn.Module) -> None:
-        unet = getattr(model, "unet", None)
-        if unet is None or not hasattr(unet, "down_blocks") or not hasattr(model, "text"):
-            raise CompressError("unet_magnitude prunes the UNet of a text-to-image model (unet_small, sd_pipeline)")
-        s = find_structure(unet, self.config.ff_gate_groups)
-        example = (torch.randn(1, *model.latent_shape()), torch.tensor([500]),
-                   torch.randn(1, model.text.max_length, model.text.dim))
-        measure_structure(s, unet, example)
+        unet, s = unet_structure(model, self.config.ff_gate_groups, "unet_magnitude")
         mods = dict(unet.named_modules())
         cands = []
         for gi, g in enumerate(s.groups):
