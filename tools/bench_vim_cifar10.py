@@ -7,7 +7,8 @@ scratch on the CIFAR-10 split (the 10,000 test images, 8,000 train / 2,000 val p
 budgets, ~0.7 and ~0.5 of the dense layers' MACs (``target_gmacs_ratio``, pruning after layers 1, 2 and 4), three
 variants of ToP-ViM:
 
-- ``aligned``: clipped SSM-output importance + pruning-aware hidden-state alignment (the method);
+- ``aligned``: clipped SSM-output importance + pruning-aware hidden-state alignment (the method: each kept
+  token's time step stretched over the pruned gap before it);
 - ``naive``: the same tokens, no alignment (``align: false``: ViT-style dropping);
 - ``random``: random tokens dropped, with alignment (``mode: random``);
 
@@ -15,7 +16,7 @@ each evaluated zero-shot and after ``--tune-steps`` of fine-tuning with the prun
 ``compress fit`` of a generated recipe from the dense weights). ``dense +ft`` continues the dense model for the
 same steps, the fair reference for the fine-tuned rows. Top-1 on the 2,000 val images, executed GMACs, and
 images/s at batch 32 and 1 with every model timed interleaved in one process, threads pinned
-(``COMPRESS_THREADS``, default 2). Writes tools/results/vim_topvim_cifar10.{json,md,png} (png with matplotlib).
+(``COMPRESS_THREADS``, default 2). Then, zero-shot, the alignment forms compared (see ``alignment_forms``). Writes tools/results/vim_topvim_cifar10.{json,md,png} (png with matplotlib).
 ``--quick`` is a smoke run (a few steps, 64 images per split, one timing repeat): its numbers mean nothing.
 """
 from __future__ import annotations
@@ -29,11 +30,13 @@ from pathlib import Path
 
 import compress  # noqa: F401  (torchvision guard first)
 import torch
+import torch.nn.functional as F
 import yaml
 
 import bench_assets
 
 from compress import measure
+from compress.models.selective_scan import selective_scan
 from compress.report import table
 
 HERE = Path(__file__).resolve().parent
@@ -82,6 +85,58 @@ def val_tensors(data_root: Path, model, limit) -> torch.utils.data.TensorDataset
 def val_logits(model, val) -> torch.Tensor:
     torch.manual_seed(0)  # the random variant draws its tokens from the global generator
     return bench_assets.logits(model, val)
+
+
+def _decay_only(u, delta, A, B, C, D, z, delta_bias, scale):
+    """Alignment form 'decay only': the gap's positions add no input, only their decay (delta of the kept token)."""
+    dl = F.softplus(delta.float() + delta_bias.float()[None, :, None])
+    s = scale.float()[:, None, :]
+    y = selective_scan((u / s).contiguous(), (dl * s).contiguous(), A, B, C, None, None, None, False)
+    return ((y + u * D[None, :, None]) * F.silu(z)).to(u.dtype)
+
+
+def _exact_hold(u, delta, A, B, C, D, z, delta_bias, scale):
+    """Alignment form 'exact hold': the gap's positions as copies of the kept token, summed exactly:
+    h_t = exp(s dA) h + sum_{k<s} exp(k dA) dB u (per state: not expressible through the scan kernel)."""
+    dA = F.softplus(delta.float() + delta_bias.float()[None, :, None])[..., None] * A[None, :, None, :]
+    s = scale.float()[:, None, :, None]
+    decay = torch.exp(s * dA)
+    inp = (1 - decay) / (1 - torch.exp(dA)).clamp(min=1e-12) * (dA / A[None, :, None, :]) \
+        * B.transpose(1, 2)[:, None] * u.float()[..., None]
+    h, ys = torch.zeros_like(inp[:, :, 0]), []
+    for t in range(u.shape[-1]):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return ((torch.stack(ys, -1) + u * D[None, :, None]) * F.silu(z)).to(u.dtype)
+
+
+FORMS = {"naive (no alignment)": None, "stretched step (implemented)": "stretched",
+         "decay only (gap adds no input)": _decay_only, "exact hold (per-state sum)": _exact_hold}
+
+
+def alignment_forms(dense_export: Path, ratios, val, ref, labels) -> dict:
+    """Zero-shot KL to dense of the alignment forms, with importance and with random tokens: which form of
+    'the scan sees the pruned gaps' keeps a pruned Vim closest to dense (a diagnostic, the forms swapped in)."""
+    from compress.export import load
+    from compress.models import vim
+    from compress.pruners.base import build_pruner
+
+    implemented, out = vim.stretched_step_scan, {}
+    try:
+        for ratio in ratios:
+            for mode in ("importance", "random"):
+                for form, fn in FORMS.items():
+                    vim.stretched_step_scan = fn if callable(fn) else implemented
+                    m = load(dense_export)
+                    build_pruner({"name": "top_vim", "prune_layers": PRUNE_LAYERS, "target_gmacs_ratio": ratio,
+                                  "mode": mode, "align": fn is not None}).attach(m)
+                    pair = bench_assets.paired(ref, val_logits(m, val), labels)
+                    out[f"{mode} {ratio}: {form}"] = {"kl": pair["kl"], "agree": pair["agreement"],
+                                                      "top1": pair["top1"]["pruned"]}
+                    print(f"[bench] forms {mode} {ratio} {form}: KL {pair['kl']:.3f}", flush=True)
+    finally:
+        vim.stretched_step_scan = implemented
+    return out
 
 
 def main(argv=None) -> int:
@@ -165,6 +220,7 @@ def main(argv=None) -> int:
                       "gmacs": measure.count_gmacs(m, example), "params": measure.count_params(m),
                       "keep": getattr(pr, "keep", None), "tokens": pr.expected_tokens() if pr else None}
         print(f"[bench] {name}: top-1 {rows[name]['top1']:.2f}, {rows[name]['gmacs']:.4f} GMACs", flush=True)
+    forms = alignment_forms(dense_export, ratios, val, logits["dense"], labels)
     timed = {n: models[n] for n in ["dense"] + [f"{v} {r} +ft" for r in ratios for v in VARIANTS]}
     prof = measure.profile(timed, (3, 32, 32), batch_sizes, repeats=args.repeats)
     for name in order:  # a zero-shot row has the same plan, hence the same cost, as its fine-tuned row
@@ -173,6 +229,7 @@ def main(argv=None) -> int:
     result = {"model": MODEL, "prune_layers": PRUNE_LAYERS, "ratios": ratios, "batch": args.batch,
               "steps": {"train": args.train_steps, "tune": args.tune_steps}, "threads": threads,
               "batch_sizes": batch_sizes, "val_images": len(val), "quick": args.quick, "rows": rows,
+              "alignment_forms": forms,
               "seconds": time.perf_counter() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(args.out) + ".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -215,6 +272,16 @@ def markdown(result: dict, argv, png) -> str:
              "noisy than top-1. Speeds are timed interleaved in one process; a zero-shot row shares the timing "
              "of its fine-tuned row (same plan, same cost).", "",
              table(trows, cols), ""]
+    if result.get("alignment_forms"):
+        lines += ["## Alignment forms, zero-shot", "",
+                  "The same pruned tokens with each form of the hidden-state alignment swapped in (zero-shot on the "
+                  "dense weights): naive = none; stretched step (implemented) = each kept token's delta times "
+                  "1 + its gap, decay and input; decay only = the gap's decay without its input; exact hold = the "
+                  "gap's positions as copies of the kept token, summed per state (not expressible through the scan "
+                  "kernel). KL to dense, lower is closer.", "",
+                  table(result["alignment_forms"], [("kl", "KL to dense", ".3f"),
+                                                    ("agree", "same class as dense %", ".1f"),
+                                                    ("top1", "top-1 %", ".2f")]), ""]
     if result["quick"]:
         lines += ["**Smoke run (--quick): a few steps on 64 images; the numbers mean nothing.**", ""]
     if png:

@@ -81,26 +81,24 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return F.silu(conv(x)[..., : x.shape[-1]])
 
 
-def scaled_decay_scan(u, delta, A, B, C, D, z, delta_bias, scale: torch.Tensor) -> torch.Tensor:
-    """Mamba's gated scan with each step's decay exponent multiplied by ``scale`` (B, L):
-    h_t = exp(s_t * delta_t * A) h_{t-1} + delta_t B_t u_t;  y_t = (C_t h_t + D u_t) * silu(z_t), delta after softplus.
+def stretched_step_scan(u, delta, A, B, C, D, z, delta_bias, scale: torch.Tensor) -> torch.Tensor:
+    """Mamba's gated scan with each token's time step stretched by ``scale`` (B, L), delta after softplus:
+    h_t = exp(s_t * delta_t * A) h_{t-1} + s_t * delta_t B_t u_t;  y_t = C_t h_t + D u_t, gated by silu(z_t).
 
-    Done with the unmodified scan op (so the mamba-ssm kernel still applies): scan u / s with delta * s, whose
-    input term delta * s * B * u / s is unchanged, then add D*u and the gate outside.
+    Mamba's own discretisation of a step s_t times as long, so the unmodified scan op (and the mamba-ssm kernel)
+    computes it: only delta changes.
     """
-    s = scale.to(torch.float32)[:, None, :]
-    delta = F.softplus(delta.float() + delta_bias.float()[None, :, None]) * s
-    y = selective_scan((u / s).contiguous(), delta.contiguous(), A, B, C, None, None, None, False)
-    return ((y + u * D[None, :, None]) * F.silu(z)).to(u.dtype)
+    delta = F.softplus(delta.float() + delta_bias.float()[None, :, None]) * scale.to(torch.float32)[:, None, :]
+    return selective_scan(u, delta.contiguous(), A, B, C, D.float(), z.contiguous(), None, False)
 
 
 class BiMamba(nn.Module):
     """Mamba mixer, bimamba v2: shared in/out projections, a forward and a flipped scan with their own parameters.
 
-    ``decay_scale`` (two (B, L) tensors, forward and backward direction, both in sequence order) multiplies each
-    token's state decay exponent: h_t = exp(s_t * delta_t * A) h_{t-1} + delta_t B_t u_t. With s_t = 1 + (pruned
-    tokens skipped just before t in that direction) the scan over kept tokens lets the state decay across the gaps
-    as if they were still there (ToP-ViM's hidden-state alignment, see ``compress.pruners.token.top_vim``).
+    ``step_scale`` (two (B, L) tensors, forward and backward direction, both in sequence order) stretches each
+    token's time step: delta_t -> s_t * delta_t in both the decay and the input term. With s_t = 1 + (pruned tokens
+    skipped just before t in that direction) each kept token stands for its gap, so the state evolves over as
+    many steps as in the unpruned scan (ToP-ViM's hidden-state alignment, see ``compress.pruners.token.top_vim``).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
@@ -148,14 +146,14 @@ class BiMamba(nn.Module):
         if scale is None:
             return selective_scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(),
                                   dt_proj.bias.float(), True)
-        return scaled_decay_scan(x, delta, A, Bm, Cm, D, z, dt_proj.bias, scale)
+        return stretched_step_scan(x, delta, A, Bm, Cm, D, z, dt_proj.bias, scale)
 
-    def forward(self, hidden: torch.Tensor, decay_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    def forward(self, hidden: torch.Tensor, step_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 return_scan: bool = False):
         """(B, L, d_model) -> (B, L, d_model); with ``return_scan`` also both directions' gated scan outputs
         (B, d_inner, L), in sequence order."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L)
-        fwd_scale, bwd_scale = decay_scale if decay_scale is not None else (None, None)
+        fwd_scale, bwd_scale = step_scale if step_scale is not None else (None, None)
         y_f = self._direction(xz, "", fwd_scale)
         y_b = self._direction(xz.flip(-1), "_b", None if bwd_scale is None else bwd_scale.flip(-1)).flip(-1)
         y = y_f + y_b

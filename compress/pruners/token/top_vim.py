@@ -11,15 +11,19 @@ After chosen layers (1-based, "after layer l") the patch tokens are ranked and t
 - **Physically fewer tokens**: both the mixer output and the fp32 residual stream are gathered, so every later
   layer computes on fewer tokens.
 - **Hidden-state alignment** (§4.1): removing tokens makes each survivor's predecessor in the scan a token that
-  was several steps away, so the state reaches it having decayed over one step instead of several. The form
-  implemented here (the paper's equations could not be read; see docs/methods.md §8): a pruned position
-  contributes no input (B-bar x = 0) but its state transition is still applied, with the pruned step's delta
-  approximated by the receiving token's own delta (the pruned tokens' delta are never computed: that is the
-  saving). Over a gap of g pruned positions before token t (in that scan direction, counted in the original
-  patch order from a position map of kept token -> original position) this gives
-  h_t = exp((1 + g) * delta_t * A) h_prev + delta_t B_t u_t, i.e. the decay exponent scaled by 1 + g and the input
-  term unchanged. It costs one multiply per token and channel (``BiMamba``'s ``decay_scale``); ``align: false``
-  turns it off (naive ViT-style dropping).
+  was several steps away, so the state reaches it having evolved over one step instead of several. The form
+  implemented here (the paper's equations could not be read; see docs/methods.md §8) treats the pruned positions
+  as time that still passes: each kept token's step is stretched over the gap of g pruned positions before it (in
+  that scan direction, counted in the original patch order from a position map of kept token -> original
+  position), delta_t -> (1 + g) delta_t, in both the decay and the input term:
+  h_t = exp((1 + g) delta_t A) h_prev + (1 + g) delta_t B_t u_t.
+  This is Mamba's own discretisation of holding token t over its gap (exact in the small-step limit: the gap's
+  positions as copies of the kept token), the pruned tokens' delta never being computed (that is the saving).
+  It costs one multiply per token and channel (``BiMamba``'s ``step_scale``) and runs on the unmodified scan op,
+  so the mamba-ssm kernel applies; ``align: false`` turns it off (naive ViT-style dropping).
+  Measured zero-shot on the CIFAR-10 Vim (tools/results/vim_topvim_cifar10.md) against two other forms: stretching
+  only the decay (a gap adds no input) is *worse* than naive dropping; the exact hold (input summed over the gap's
+  decays, not expressible through the scan kernel) is slightly better than this one.
 
 Defaults: pruning after layers 10 and 20 of a 24-layer Vim at keep 0.8 (for other depths the same relative
 positions), the schedule issue 13 names as the released one; docs/methods.md §8 reads the released code
@@ -175,7 +179,7 @@ class TopVimVisionMamba(VisionMamba):
             k = p.kept[j] if prune else None
             prune = prune and k < hidden.shape[1] - 1
             want_scan = prune and p.config.mode == "importance"
-            out, residual = layer(hidden, residual, decay_scale=scales, return_scan=want_scan)
+            out, residual = layer(hidden, residual, step_scale=scales, return_scan=want_scan)
             hidden, y = (out[0], out[1:]) if want_scan else (out, None)
             if j < len(p.layers) and p.layers[j] == i + 1:
                 j += 1
