@@ -16,7 +16,8 @@ each evaluated zero-shot and after ``--tune-steps`` of fine-tuning with the prun
 ``compress fit`` of a generated recipe from the dense weights). ``dense +ft`` continues the dense model for the
 same steps, the fair reference for the fine-tuned rows. Top-1 on the 2,000 val images, executed GMACs, and
 images/s at batch 32 and 1 with every model timed interleaved in one process, threads pinned
-(``COMPRESS_THREADS``, default 2). Then, zero-shot, the alignment forms compared (see ``alignment_forms``). Writes tools/results/vim_topvim_cifar10.{json,md,png} (png with matplotlib).
+(``COMPRESS_THREADS``, default 2). Then, zero-shot, the alignment forms compared (``alignment_forms``).
+Writes tools/results/vim_topvim_cifar10.{json,md,png} (png with matplotlib).
 ``--quick`` is a smoke run (a few steps, 64 images per split, one timing repeat): its numbers mean nothing.
 """
 from __future__ import annotations
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tune-lr", type=float, default=5e-4)
     p.add_argument("--ratios", default="0.7,0.5", help="target_gmacs_ratio of the layers")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
+    p.add_argument("--no-forms", action="store_true", help="skip the zero-shot comparison of alignment forms")
     p.add_argument("--batch-sizes", default="32,1")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, 64 images per split")
@@ -170,6 +173,10 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
 
     # 1. dense from scratch, and dense continued for the fine-tune's steps (the reference after fine-tuning)
     dense_recipe = base_recipe("dense", data_root, args.batch, limit)
@@ -186,7 +193,7 @@ def main(argv=None) -> int:
     # 2. every variant at every budget: zero-shot on the dense weights, then a fine-tune with the pruner attached
     specs = {}
     for ratio in ratios:
-        for variant, params in VARIANTS.items():
+        for variant, params in variants.items():
             name = f"{variant} {ratio}"
             specs[name] = {"name": "top_vim", "prune_layers": PRUNE_LAYERS, "target_gmacs_ratio": ratio, **params}
             r = base_recipe(f"{variant}_{ratio}", data_root, args.batch, limit)
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
         models[name] = m
     example = torch.randn(1, 3, 32, 32)
     rows = {}
-    order = ["dense", "dense +ft"] + [f"{v} {r}{s}" for r in ratios for s in ("", " +ft") for v in VARIANTS]
+    order = ["dense", "dense +ft"] + [f"{v} {r}{s}" for r in ratios for s in ("", " +ft") for v in variants]
     labels = val.tensors[1]
     logits = {}
     for name in order:
@@ -220,13 +227,14 @@ def main(argv=None) -> int:
                       "gmacs": measure.count_gmacs(m, example), "params": measure.count_params(m),
                       "keep": getattr(pr, "keep", None), "tokens": pr.expected_tokens() if pr else None}
         print(f"[bench] {name}: top-1 {rows[name]['top1']:.2f}, {rows[name]['gmacs']:.4f} GMACs", flush=True)
-    forms = alignment_forms(dense_export, ratios, val, logits["dense"], labels)
-    timed = {n: models[n] for n in ["dense"] + [f"{v} {r} +ft" for r in ratios for v in VARIANTS]}
+    forms = {} if args.no_forms else alignment_forms(dense_export, ratios, val, logits["dense"], labels)
+    timed = {n: models[n] for n in ["dense"] + [f"{v} {r} +ft" for r in ratios for v in variants]}
     prof = measure.profile(timed, (3, 32, 32), batch_sizes, repeats=args.repeats)
     for name in order:  # a zero-shot row has the same plan, hence the same cost, as its fine-tuned row
         src = "dense" if name.startswith("dense") else (name if name.endswith("+ft") else name + " +ft")
         rows[name]["speed"] = prof[src]["speed"]
-    result = {"model": MODEL, "prune_layers": PRUNE_LAYERS, "ratios": ratios, "batch": args.batch,
+    result = {"model": MODEL, "prune_layers": PRUNE_LAYERS, "ratios": ratios, "variants": list(variants),
+              "batch": args.batch,
               "steps": {"train": args.train_steps, "tune": args.tune_steps}, "threads": threads,
               "batch_sizes": batch_sizes, "val_images": len(val), "quick": args.quick, "rows": rows,
               "alignment_forms": forms,
@@ -299,7 +307,7 @@ def plot(result: dict, path: Path) -> None:
     rows, dense = result["rows"], result["rows"]["dense"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, suffix, ref in ((axes[0], "", "dense"), (axes[1], " +ft", "dense +ft")):
-        for variant, marker in (("aligned", "o"), ("naive", "s"), ("random", "^")):
+        for variant, marker in zip(result.get("variants", list(VARIANTS)), "os^"):
             pts = sorted((rows[f"{variant} {r}{suffix}"]["gmacs"] / dense["gmacs"], rows[f"{variant} {r}{suffix}"]["top1"])
                          for r in result["ratios"])
             ax.plot(*zip(*pts), marker=marker, label=variant)

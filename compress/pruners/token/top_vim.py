@@ -21,9 +21,11 @@ After chosen layers (1-based, "after layer l") the patch tokens are ranked and t
   positions as copies of the kept token), the pruned tokens' delta never being computed (that is the saving).
   It costs one multiply per token and channel (``BiMamba``'s ``step_scale``) and runs on the unmodified scan op,
   so the mamba-ssm kernel applies; ``align: false`` turns it off (naive ViT-style dropping).
-  Measured zero-shot on the CIFAR-10 Vim (tools/results/vim_topvim_cifar10.md) against two other forms: stretching
-  only the decay (a gap adds no input) is *worse* than naive dropping; the exact hold (input summed over the gap's
-  decays, not expressible through the scan kernel) is slightly better than this one.
+  Measured zero-shot on small CIFAR-10 Vims (tools/results/vim_topvim_cifar10.md, KL to dense) against two other
+  forms: only the exact hold (the gap's inputs summed over its per-state decays; not expressible through the scan
+  kernel) is closer to dense than naive dropping in every case, by 4-12 %; this form was ahead of naive on an
+  undertrained model and is level with or behind it on a better trained one; stretching only the decay (a gap
+  adds no input) is behind naive in most cases.
 
 Defaults: pruning after layers 10 and 20 of a 24-layer Vim at keep 0.8 (for other depths the same relative
 positions), the schedule issue 13 names as the released one; docs/methods.md §8 reads the released code
@@ -57,7 +59,8 @@ class TopVimConfig(PrunerConfig):
         None, gt=0, le=1, description="fraction of the patch tokens kept at each pruning layer (default 0.8)")
     target_gmacs_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="budget instead of keep_ratio: the layers' MACs relative to dense")
-    align: bool = Field(True, description="pruning-aware hidden-state alignment (decay across pruned gaps)")
+    align: bool = Field(True, description="pruning-aware hidden-state alignment (each kept token's step stretched "
+                                          "over its pruned gap)")
     mode: Literal["importance", "random"] = Field("importance", description="rank by clipped SSM output, or random")
     clip: bool = Field(True, description="clip channel values at 0 before summing them into the importance")
 
