@@ -38,6 +38,7 @@ import bench_assets
 
 from compress import measure
 from compress.models.selective_scan import selective_scan
+from compress.models.vim import stretched_step_scan
 from compress.report import table
 
 HERE = Path(__file__).resolve().parent
@@ -111,7 +112,7 @@ def _exact_hold(u, delta, A, B, C, D, z, delta_bias, scale):
     return ((torch.stack(ys, -1) + u * D[None, :, None]) * F.silu(z)).to(u.dtype)
 
 
-FORMS = {"naive (no alignment)": None, "stretched step (implemented)": "stretched",
+FORMS = {"naive (no alignment)": None, "stretched step (implemented)": stretched_step_scan,
          "decay only (gap adds no input)": _decay_only, "exact hold (per-state sum)": _exact_hold}
 
 
@@ -122,12 +123,12 @@ def alignment_forms(dense_export: Path, ratios, val, ref, labels) -> dict:
     from compress.models import vim
     from compress.pruners.base import build_pruner
 
-    implemented, out = vim.stretched_step_scan, {}
+    out = {}
     try:
         for ratio in ratios:
             for mode in ("importance", "random"):
                 for form, fn in FORMS.items():
-                    vim.stretched_step_scan = fn if callable(fn) else implemented
+                    vim.stretched_step_scan = fn or stretched_step_scan
                     m = load(dense_export)
                     build_pruner({"name": "top_vim", "prune_layers": PRUNE_LAYERS, "target_gmacs_ratio": ratio,
                                   "mode": mode, "align": fn is not None}).attach(m)
@@ -136,7 +137,7 @@ def alignment_forms(dense_export: Path, ratios, val, ref, labels) -> dict:
                                                       "top1": pair["top1"]["pruned"]}
                     print(f"[bench] forms {mode} {ratio} {form}: KL {pair['kl']:.3f}", flush=True)
     finally:
-        vim.stretched_step_scan = implemented
+        vim.stretched_step_scan = stretched_step_scan
     return out
 
 
