@@ -12,8 +12,8 @@ from compress.errors import CompressError
 from compress.measure import count_gmacs, count_params
 from compress.models.build import build_model
 from compress.models import selective_scan as scan_module
-from compress.models.selective_scan import (scan_chunked, scan_chunked_backward, scan_macs, scan_reference,
-                                           selective_scan)
+from compress.models.selective_scan import (scan_by_expansion, scan_chunked, scan_chunked_backward, scan_macs,
+                                           scan_reference, selective_scan)
 from compress.models.vim import VisionMamba, layer_macs_per_token, vim_geometry
 from compress.recipe import ModelConfig
 from compress.registry import MODELS
@@ -79,6 +79,68 @@ def test_written_out_backward_equals_autograd_through_the_reference(monkeypatch,
         assert torch.allclose(r, g, atol=1e-12)
 
 
+def holds(b, L, seed=3):
+    """Per-row different hold counts 1..4, so the expanded rows have different lengths."""
+    return torch.randint(1, 5, (b, L), generator=torch.Generator().manual_seed(seed)).double()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_held_scan_equals_the_reference_over_the_expanded_sequence(chunk):
+    """hold = s: the token's s copies in a row, summed in one step (CPU), = the plain scan over the copies."""
+    u, delta, A, B, C, D, z, bias = scan_inputs(L=17)
+    hold = holds(2, 17)
+    assert hold[0].sum() != hold[1].sum()
+    ref = scan_by_expansion(scan_reference, u, delta, A, B, C, D, z, bias, True, hold)
+    got = scan_chunked(u, delta, A, B, C, D, z, bias, True, hold, chunk=chunk)
+    assert torch.allclose(got, ref, atol=1e-12)
+    assert torch.allclose(selective_scan(u, delta, A, B, C, D, z, bias, True, torch.ones_like(hold)),
+                          scan_chunked(u, delta, A, B, C, D, z, bias, True), atol=1e-14)  # hold 1 = no hold
+    assert not torch.allclose(got, scan_chunked(u, delta, A, B, C, D, z, bias, True), atol=1e-3)
+    with pytest.raises(ValueError, match="A < 0"):  # the closed form sums a decaying geometric series
+        scan_chunked(u, delta, -A, B, C, D, z, bias, True, hold)
+
+
+def test_expansion_repeats_each_token_and_reads_its_last_copy():
+    u = torch.arange(3.0).view(1, 1, 3)
+    seen = {}
+
+    def spy(u, *rest):
+        seen["u"] = u
+        return u * 10
+    out = scan_by_expansion(spy, u, u, None, u[:, :1], u[:, :1], hold=torch.tensor([[2.0, 1.0, 3.0]]))
+    assert seen["u"].tolist() == [[[0, 0, 1, 2, 2, 2]]] and out.tolist() == [[[0, 10, 20]]]
+
+
+@pytest.mark.parametrize("keep_states", [True, False])
+def test_held_scan_backward_equals_autograd_through_the_expanded_reference(monkeypatch, keep_states):
+    monkeypatch.setattr(scan_module, "KEEP_STATES", 2**30 if keep_states else 0)
+    ins = [t.requires_grad_() for t in scan_inputs(b=2, d=3, L=13, n=4)]
+    hold = holds(2, 13)
+    grad = torch.randn(2, 3, 13, dtype=torch.float64)
+    ref = torch.autograd.grad(scan_by_expansion(scan_reference, *ins, True, hold), ins, grad)
+    got = torch.autograd.grad(selective_scan(*ins, True, hold), ins, grad)  # the op, written-out backward
+    for r, g in zip(ref, got):
+        assert torch.allclose(r, g, atol=1e-12)
+    small = [t.detach().clone().requires_grad_() for t in scan_inputs(b=1, d=2, L=6, n=2)]
+    assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, True, holds(1, 6)), small, atol=1e-6,
+                                    fast_mode=True)
+
+
+def test_held_scan_in_fp32_is_close_to_fp64_at_small_steps():
+    """The hold's input factor (1 - e^{sx}) / (1 - e^x) loses ~eps/|x| in fp32 where x = delta*A is small: values and
+    gradients stay within 1e-5 at steps ~0.05 and within 1e-3 at steps ~1e-4 (ten times below Mamba's dt_min)."""
+    u, delta, A, B, C, D, z, bias = scan_inputs(b=2, d=8, L=30, n=8)
+    hold, grad = holds(2, 30), torch.randn(2, 8, 30, dtype=torch.float64)
+    for shift, tol in ((-3.0, 1e-5), (-9.0, 1e-3)):  # softplus steps ~0.05 and ~1e-4
+        args = (u, delta, A, B, C, D, z, bias + shift)
+        args32 = [t.float() for t in args]
+        ref = [scan_chunked(*args, True, hold)] + list(scan_chunked_backward(grad, *args, True, hold))
+        got = [scan_chunked(*args32, True, hold.float())] + list(
+            scan_chunked_backward(grad.float(), *args32, True, hold.float()))
+        for r, g in zip(ref, got):
+            assert ((r - g.double()).norm() / r.norm()) < tol
+
+
 def test_flop_counter_counts_the_scan_with_the_documented_formula():
     u, delta, A, B, C, D, z, bias = [t.float() for t in scan_inputs(b=3, d=6, L=17, n=5)]
     with FlopCounterMode(display=False) as fc:
@@ -87,6 +149,9 @@ def test_flop_counter_counts_the_scan_with_the_documented_formula():
     with FlopCounterMode(display=False) as fc:
         selective_scan(u, delta, A, B, C, None, None, None, False)  # D and the gate are elementwise: not counted
     assert fc.get_total_flops() == 2 * scan_macs(3, 6, 17, 5) == 2 * 3 * 6 * 17 * 20
+    with FlopCounterMode(display=False) as fc:  # the hold's input factor is elementwise too
+        selective_scan(u, delta, A, B, C, D, z, bias, True, torch.full((3, 17), 2.0))
+    assert fc.get_total_flops() == 2 * scan_macs(3, 6, 17, 5)
 
 
 @pytest.mark.parametrize("img_size", [32, 48])

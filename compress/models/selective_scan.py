@@ -8,6 +8,15 @@ The recurrence (Gu & Dao 2023, with Mamba's simplified discretisation), per batc
 
 Shapes follow ``mamba_ssm.selective_scan_fn``: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,).
 
+``hold`` (B, L), optional: step t stands for its token held over ``hold[b, t]`` consecutive steps (ToP-ViM's
+hidden-state alignment: a kept token held over the pruned gap before it). Exactly, with s = hold_t:
+
+    h_t = exp(s delta_t A) h_{t-1} + [expm1(s delta_t A) / expm1(delta_t A)] delta_t B_t u_t
+
+(the s copies' inputs summed over their decays, a geometric series per state). On CPU this is one more elementwise
+factor per chunk; mamba-ssm's kernel cannot take a per-state input factor, so on CUDA the sequence is expanded to
+the held length (``scan_by_expansion``: each token repeated ``hold`` times, the scan, the last copy read back).
+
 Why an op of its own (``torch.library.custom_op``):
 - ``torch.utils.flop_counter`` sees it as one node and uses the MAC formula registered below, instead of
   missing the scan (it is no matmul) or counting the kernel's internals;
@@ -50,7 +59,8 @@ def _finish(y, u, D, z):
 
 
 def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The recurrence, one step at a time (computes in fp32, or fp64 if the inputs are fp64)."""
+    """The recurrence, one step at a time (computes in fp32, or fp64 if the inputs are fp64); no ``hold``: a held
+    scan's reference is this one over the expanded sequence (``scan_by_expansion``)."""
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, A, B, C = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
     delta = _prepare(delta.to(dtype), delta_bias, delta_softplus)
@@ -65,8 +75,37 @@ def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(u.dtype)
 
 
-def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk: int = CHUNK):
-    """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference``.
+def _chunk_terms(dl, du, A, B, hold, s: int, e: int):
+    """Decay exp(s dA) and input of steps s..e, (b, d, T, n) each; with ``hold`` also x = dA and the input factor
+    (1 - e^{sx}) / (1 - e^x) that the backward needs.
+
+    The factor is taken from e^{sx} (the decay) and e^x rather than from expm1, which is ~4x slower than exp on
+    CPU: a relative error of ~eps/|x| (1e-4 at |x| = 1e-3 in fp32) in a term of size ~|x|. A is negative (a
+    decaying state), so 1 - e^x > 0; adding 1e-30 keeps it so where x underflows, and the factor -> 0 there, in a
+    term that is 0 anyway.
+    """
+    x = dl[:, :, s:e, None] * A[None, :, None, :]
+    Bt = B[:, None, :, s:e].transpose(-1, -2)
+    inp = du[:, :, s:e, None] * Bt
+    if hold is None:
+        return torch.exp(x), inp, x, None
+    decay = torch.exp((dl[:, :, s:e] * hold[:, None, s:e])[..., None] * A[None, :, None, :])
+    factor = (decay - 1).div_(torch.exp(x).sub_(1).sub_(1e-30))
+    return decay, inp.mul_(factor), x, factor
+
+
+def _as_hold(hold, A, dtype):
+    if hold is None:
+        return None
+    if not bool((A < 0).all()):
+        raise ValueError("selective_scan: hold needs a decaying state (A < 0 everywhere), as every Mamba has")
+    return hold.to(dtype)
+
+
+def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
+                 chunk: int = CHUNK):
+    """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference`` (as the expanded reference
+    with ``hold``).
 
     Per chunk, exp(delta*A) and delta*B*u are computed for all its steps at once ((B, D, T, N) tensors), then
     the state runs through the chunk with one fused multiply-add per step and is read out with C in one
@@ -74,7 +113,7 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     """
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     out_dtype = u.dtype
-    u, A, B, C = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+    u, A, B, C, hold = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), _as_hold(hold, A, dtype)
     delta = _prepare(delta.to(dtype), delta_bias, delta_softplus)
     b, d, L = u.shape
     du = delta * u  # (b, d, L)
@@ -82,8 +121,7 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     ys = []
     for s in range(0, L, chunk):
         e = min(s + chunk, L)
-        decay = torch.exp(delta[:, :, s:e, None] * A[None, :, None, :])  # (b, d, T, n)
-        inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)  # (b, d, T, n)
+        decay, inp, _, _ = _chunk_terms(delta, du, A, B, hold, s, e)
         hs = []
         for t in range(e - s):
             h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
@@ -93,9 +131,10 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
 
 
-def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
                           chunk: int = CHUNK):
-    """Gradients of ``scan_chunked`` w.r.t. (u, delta, A, B, C, D, z, delta_bias), written out (no autograd graph).
+    """Gradients of ``scan_chunked`` w.r.t. (u, delta, A, B, C, D, z, delta_bias), written out (no autograd graph);
+    ``hold`` is a constant (token counts), it gets none.
 
     A forward pass recomputes the states; it keeps them all when they are small (``KEEP_STATES``), otherwise only
     the state at each chunk start, and the chunks are recomputed one by one (memory (B, D, T, N) per chunk). Chunks
@@ -104,6 +143,7 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     """
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, A, B, C, g_out = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), grad.to(dtype)
+    hold = _as_hold(hold, A, dtype)
     raw = delta.to(dtype)
     if delta_bias is not None:
         raw = raw + delta_bias.to(dtype)[None, :, None]
@@ -114,15 +154,20 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     starts, kept, h = [], [], u.new_zeros(b, d, A.shape[1])
     keep_all = b * d * L * A.shape[1] <= KEEP_STATES  # small enough: keep every state instead of recomputing
     bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
-    for s, e in bounds:  # states at chunk starts
-        starts.append(h)
-        decay = torch.exp(dl[:, :, s:e, None] * A[None, :, None, :])
-        inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)
+
+    def run(terms, h):
+        decay, inp = terms[0], terms[1]
         hs = []
-        for t in range(e - s):
+        for t in range(inp.shape[2]):
             h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
             hs.append(h)
-        kept.append((decay, torch.stack(hs, dim=2)) if keep_all else None)
+        return torch.stack(hs, dim=2), h
+
+    for s, e in bounds:  # states at chunk starts
+        starts.append(h)
+        terms = _chunk_terms(dl, du, A, B, hold, s, e)
+        H, h = run(terms, h)
+        kept.append((terms, H) if keep_all else None)
     g_u, g_dl, g_C, g_B = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(C), torch.zeros_like(B)
     g_z = torch.zeros_like(u) if z is not None else None
     g_A = torch.zeros_like(A)
@@ -130,15 +175,10 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     carry = torch.zeros_like(h)  # gradient reaching the last state of the chunk from the chunks after it
     for (s, e), h0, states in zip(reversed(bounds), reversed(starts), reversed(kept)):
         if states is not None:
-            decay, H = states
+            (decay, _, x, factor), H = states
         else:
-            decay = torch.exp(dl[:, :, s:e, None] * A[None, :, None, :])  # (b, d, T, n)
-            inp = du[:, :, s:e, None] * B[:, None, :, s:e].transpose(-1, -2)
-            hs, h = [], h0
-            for t in range(e - s):
-                h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
-                hs.append(h)
-            H = torch.stack(hs, dim=2)
+            terms = _chunk_terms(dl, du, A, B, hold, s, e)
+            (decay, _, x, factor), H = terms, run(terms, h0)[0]
         Hprev = torch.cat([h0[:, :, None], H[:, :, :-1]], dim=2)
         Cc = C[:, :, s:e]
         g_y = g_out[:, :, s:e]
@@ -162,12 +202,25 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
             ghs.append(gh)
         carry = decay[:, :, 0] * gh  # to the previous chunk's last state
         GH = torch.stack(ghs[::-1], dim=2)
+        Bt = B[:, :, s:e]
         g_C[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", H, g_y)
-        g_B[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", GH, du[:, :, s:e])
-        g_du = torch.einsum("bdtn,bnt->bdt", GH, B[:, :, s:e])
-        g_lin = GH * Hprev * decay  # gradient of delta*A, through exp
-        g_A += torch.einsum("bdtn,bdt->dn", g_lin, dl[:, :, s:e])
-        g_dl[:, :, s:e] = torch.einsum("bdtn,dn->bdt", g_lin, A) + g_du * u[:, :, s:e]
+        g_x = GH * Hprev * decay  # gradient of x = delta*A, through exp(x) (times s with hold, below)
+        if factor is None:
+            g_B[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", GH, du[:, :, s:e])
+            g_du = torch.einsum("bdtn,bnt->bdt", GH, Bt)
+        else:  # input = factor(x) * du * B, decay = exp(s x)
+            sh = hold[:, None, s:e, None]
+            GHf = GH * factor
+            g_B[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", GHf, du[:, :, s:e])
+            g_du = torch.einsum("bdtn,bnt->bdt", GHf, Bt)
+            # d factor / dx = (s e^{sx} expm1(x) - expm1(sx) e^x) / expm1(x)^2 -> s (s - 1) / 2 as x -> 0
+            den = torch.expm1(x)
+            safe = torch.where(den != 0, den, torch.ones_like(den))
+            dfactor = torch.where(den != 0, (sh * decay * den - torch.expm1(sh * x) * torch.exp(x)) / safe**2,
+                                  sh * (sh - 1) / 2)
+            g_x = g_x * sh + GH * dfactor * du[:, :, s:e, None] * Bt.transpose(1, 2)[:, None]
+        g_A += torch.einsum("bdtn,bdt->dn", g_x, dl[:, :, s:e])
+        g_dl[:, :, s:e] = torch.einsum("bdtn,dn->bdt", g_x, A) + g_du * u[:, :, s:e]
         g_u[:, :, s:e] += g_du * dl[:, :, s:e]
     g_raw = g_dl * torch.sigmoid(raw) if delta_softplus else g_dl
     g_bias = g_raw.sum((0, 2)) if delta_bias is not None else None
@@ -184,53 +237,69 @@ def cuda_scan():
     return selective_scan_fn
 
 
-def _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def scan_by_expansion(scan, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
+    """A held scan through a scan that has no ``hold``: each token repeated ``hold`` (integer) times, ``scan`` over
+    the expanded sequence, the output read at each token's last copy. Rows may expand to different lengths; the
+    shorter ones are padded at the end with their last token, which is causal and read by nobody."""
+    counts = hold.round().long().clamp(min=1)
+    ends = counts.cumsum(1)  # (B, L): one past each token's last copy
+    b, d, L = u.shape
+    positions = torch.arange(int(ends[:, -1].max()), device=u.device).expand(b, -1).contiguous()
+    src = torch.searchsorted(ends, positions, right=True).clamp(max=L - 1)  # (B, L'): the token at each position
+
+    def expand(t):
+        return None if t is None else t.gather(2, src[:, None].expand(-1, t.shape[1], -1)).contiguous()
+
+    y = scan(expand(u), expand(delta), A, expand(B), expand(C), D, expand(z), delta_bias, delta_softplus)
+    return y.gather(2, (ends - 1)[:, None].expand(-1, d, -1))
+
+
+def _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold=None):
     """The differentiable implementation for the tensors' device."""
     fn = cuda_scan() if u.is_cuda else None
     if fn is not None:
+        if hold is not None:
+            return scan_by_expansion(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
 
 
 @torch.library.custom_op("compress::selective_scan", mutates_args=())
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
-                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False) -> torch.Tensor:
-    """Selective scan, (B, D, L) out in u's dtype. Differentiable; counted by the FLOP counter."""
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   hold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Selective scan, (B, D, L) out in u's dtype. Differentiable (not in ``hold``); counted by the FLOP counter."""
     with torch.no_grad():
-        return _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus).to(u.dtype).contiguous()
+        return _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold).to(u.dtype).contiguous()
 
 
 @selective_scan.register_fake
-def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
     return torch.empty_like(u)
 
 
-_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*[t if t is not None else None for t in inputs[:8]])
-    ctx.present = [t is not None for t in inputs[:8]]
+    ctx.save_for_backward(*inputs[:8], inputs[9])
     ctx.delta_softplus = inputs[8]
 
 
 def _backward(ctx, grad):
-    saved = list(ctx.saved_tensors)
+    *saved, hold = ctx.saved_tensors
     leaves = [t.detach().requires_grad_(ctx.needs_input_grad[i]) if t is not None else None
               for i, t in enumerate(saved)]
     wanted = [i for i, t in enumerate(leaves) if t is not None and ctx.needs_input_grad[i]]
-    grads = [None] * 9
+    grads = [None] * 10
     if not wanted:
         return tuple(grads)
     if saved[0].is_cuda and cuda_scan() is not None:
         with torch.enable_grad():  # recompute with the kernel: nothing of the forward's inner graph was kept
-            out = _scan_autograd(*leaves, ctx.delta_softplus).to(grad.dtype)
+            out = _scan_autograd(*leaves, ctx.delta_softplus, hold).to(grad.dtype)
             found = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
         for i, g in zip(wanted, found):
             grads[i] = g
         return tuple(grads)
-    found = scan_chunked_backward(grad, *saved, ctx.delta_softplus)
+    found = scan_chunked_backward(grad, *saved, ctx.delta_softplus, hold)
     for i in wanted:
         grads[i] = found[i].to(saved[i].dtype)
     return tuple(grads)
@@ -247,14 +316,15 @@ def scan_macs(batch: int, channels: int, length: int, state: int) -> int:
 
     Per state element: delta*A (the discretisation's argument of exp), delta*u*B (the input B-bar*u), the update
     A-bar*h + B-bar*u, and the readout C*h. Per-channel elementwise work (softplus, exp, D*u, the silu(z) gate) is
-    not counted, as the FLOP counter counts no elementwise op; so a scan with or without D and z, or with
-    ToP-ViM's decay scaling (D and the gate applied outside the op), counts the same.
+    not counted, as the FLOP counter counts no elementwise op; so a scan with or without D and z, or with ``hold``
+    (one more elementwise input factor on CPU), counts the same. (On CUDA a held scan runs the kernel over the
+    expanded sequence: its scan costs the held length, which this count does not see.)
     """
     return batch * channels * length * 4 * state
 
 
 @flop_counter.register_flop_formula(torch.ops.compress.selective_scan)
 def _scan_flop(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape=None, z_shape=None, delta_bias_shape=None,
-               delta_softplus=False, *args, out_shape=None, **kwargs) -> int:
+               delta_softplus=False, hold_shape=None, *args, out_shape=None, **kwargs) -> int:
     b, d, L = u_shape
     return 2 * scan_macs(b, d, L, A_shape[1])  # the counter's FLOPs = 2 x MACs

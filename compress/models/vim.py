@@ -81,24 +81,13 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return F.silu(conv(x)[..., : x.shape[-1]])
 
 
-def stretched_step_scan(u, delta, A, B, C, D, z, delta_bias, scale: torch.Tensor) -> torch.Tensor:
-    """Mamba's gated scan with each token's time step stretched by ``scale`` (B, L), delta after softplus:
-    h_t = exp(s_t * delta_t * A) h_{t-1} + s_t * delta_t B_t u_t;  y_t = C_t h_t + D u_t, gated by silu(z_t).
-
-    Mamba's own discretisation of a step s_t times as long, so the unmodified scan op (and the mamba-ssm kernel)
-    computes it: only delta changes.
-    """
-    delta = F.softplus(delta.float() + delta_bias.float()[None, :, None]) * scale.to(torch.float32)[:, None, :]
-    return selective_scan(u, delta.contiguous(), A, B, C, D.float(), z.contiguous(), None, False)
-
-
 class BiMamba(nn.Module):
     """Mamba mixer, bimamba v2: shared in/out projections, a forward and a flipped scan with their own parameters.
 
-    ``step_scale`` (two (B, L) tensors, forward and backward direction, both in sequence order) stretches each
-    token's time step: delta_t -> s_t * delta_t in both the decay and the input term. With s_t = 1 + (pruned tokens
-    skipped just before t in that direction) each kept token stands for its gap, so the state evolves over as
-    many steps as in the unpruned scan (ToP-ViM's hidden-state alignment, see ``compress.pruners.token.top_vim``).
+    ``hold`` (two (B, L) tensors, forward and backward direction, both in sequence order): token t is held over
+    hold_t steps of its scan (the scan op's ``hold``). With hold_t = 1 + (pruned tokens skipped just before t in that
+    direction) each kept token stands in for its gap, so the state evolves over as many steps as in the unpruned
+    scan (ToP-ViM's hidden-state alignment, see ``compress.pruners.token.top_vim``).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
@@ -133,7 +122,7 @@ class BiMamba(nn.Module):
             setattr(self, "A_log" if suffix == "" else "A_b_log", A_log)
             setattr(self, "D" + suffix, D)
 
-    def _direction(self, xz: torch.Tensor, suffix: str, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    def _direction(self, xz: torch.Tensor, suffix: str, hold: Optional[torch.Tensor]) -> torch.Tensor:
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
         x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
@@ -143,19 +132,17 @@ class BiMamba(nn.Module):
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); the bias goes in with the softplus
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
         A = -torch.exp(A_log.float())
-        if scale is None:
-            return selective_scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(),
-                                  dt_proj.bias.float(), True)
-        return stretched_step_scan(x, delta, A, Bm, Cm, D, z, dt_proj.bias, scale)
+        return selective_scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(), dt_proj.bias.float(), True,
+                              None if hold is None else hold.contiguous())
 
-    def forward(self, hidden: torch.Tensor, step_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    def forward(self, hidden: torch.Tensor, hold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 return_scan: bool = False):
         """(B, L, d_model) -> (B, L, d_model); with ``return_scan`` also both directions' gated scan outputs
         (B, d_inner, L), in sequence order."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L)
-        fwd_scale, bwd_scale = step_scale if step_scale is not None else (None, None)
-        y_f = self._direction(xz, "", fwd_scale)
-        y_b = self._direction(xz.flip(-1), "_b", None if bwd_scale is None else bwd_scale.flip(-1)).flip(-1)
+        fwd_hold, bwd_hold = hold if hold is not None else (None, None)
+        y_f = self._direction(xz, "", fwd_hold)
+        y_b = self._direction(xz.flip(-1), "_b", None if bwd_hold is None else bwd_hold.flip(-1)).flip(-1)
         y = y_f + y_b
         if self.divide_out:
             y = y / 2

@@ -13,19 +13,19 @@ After chosen layers (1-based, "after layer l") the patch tokens are ranked and t
 - **Hidden-state alignment** (§4.1): removing tokens makes each survivor's predecessor in the scan a token that
   was several steps away, so the state reaches it having evolved over one step instead of several. The form
   implemented here (the paper's equations could not be read; see docs/methods.md §8) treats the pruned positions
-  as time that still passes: each kept token's step is stretched over the gap of g pruned positions before it (in
-  that scan direction, counted in the original patch order from a position map of kept token -> original
-  position), delta_t -> (1 + g) delta_t, in both the decay and the input term:
-  h_t = exp((1 + g) delta_t A) h_prev + (1 + g) delta_t B_t u_t.
-  This is Mamba's own discretisation of holding token t over its gap (exact in the small-step limit: the gap's
-  positions as copies of the kept token), the pruned tokens' delta never being computed (that is the saving).
-  It costs one multiply per token and channel (``BiMamba``'s ``step_scale``) and runs on the unmodified scan op,
-  so the mamba-ssm kernel applies; ``align: false`` turns it off (naive ViT-style dropping).
-  Measured zero-shot on small CIFAR-10 Vims (tools/results/vim_topvim_cifar10.md, KL to dense) against two other
-  forms: only the exact hold (the gap's inputs summed over its per-state decays; not expressible through the scan
-  kernel) is closer to dense than naive dropping in every case, by 4-12 %; this form was ahead of naive on an
-  undertrained model and is level with or behind it on a better trained one; stretching only the decay (a gap
-  adds no input) is behind naive in most cases.
+  as time that still passes: each kept token is held over the gap of g pruned positions before it (in that scan
+  direction, counted in the original patch order from a position map of kept token -> original position), i.e.
+  the scan runs as if the gap's positions were copies of the kept token, computed exactly in one step
+  (the scan op's ``hold``, s = 1 + g):
+  h_t = exp(s delta_t A) h_prev + [expm1(s delta_t A) / expm1(delta_t A)] delta_t B_t u_t.
+  The pruned tokens' projections, conv and delta are never computed (that is the saving); on CPU the hold costs
+  one elementwise factor per state in the scan, on CUDA the kernel runs over the expanded sequence (only the scan,
+  ~16 % of a Vim-T layer's MACs, at full length). ``align: false`` turns it off (naive ViT-style dropping).
+  Measured zero-shot on small CIFAR-10 Vims (tools/results/vim_topvim_cifar10.md, KL to dense), three forms were
+  compared: this exact hold was the only one closer to dense than naive dropping in every case; stretching the
+  step, delta -> s delta in decay and input (Mamba's Euler discretisation of the hold, which the kernel runs at
+  the pruned length), drifts from the hold as delta grows and was level with or behind naive on a trained model;
+  stretching only the decay (a gap adds no input) was behind naive in most cases.
 
 Defaults: pruning after layers 10 and 20 of a 24-layer Vim at keep 0.8 (for other depths the same relative
 positions), the schedule issue 13 names as the released one; docs/methods.md §8 reads the released code
@@ -59,8 +59,8 @@ class TopVimConfig(PrunerConfig):
         None, gt=0, le=1, description="fraction of the patch tokens kept at each pruning layer (default 0.8)")
     target_gmacs_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="budget instead of keep_ratio: the layers' MACs relative to dense")
-    align: bool = Field(True, description="pruning-aware hidden-state alignment (each kept token's step stretched "
-                                          "over its pruned gap)")
+    align: bool = Field(True, description="pruning-aware hidden-state alignment (each kept token held over its "
+                                          "pruned gap in the scan)")
     mode: Literal["importance", "random"] = Field("importance", description="rank by clipped SSM output, or random")
     clip: bool = Field(True, description="clip channel values at 0 before summing them into the importance")
 
@@ -133,8 +133,8 @@ def select(scores: torch.Tensor, cls: int, k: int) -> torch.Tensor:
     return torch.cat([kept[:, : k // 2], mid, kept[:, k // 2:]], dim=1)
 
 
-def gap_scales(index: torch.Tensor, cls: int, cls_orig: int, num_patches: int):
-    """Decay scales 1 + (pruned patches skipped just before each token), for the forward and the backward scan,
+def gap_holds(index: torch.Tensor, cls: int, cls_orig: int, num_patches: int):
+    """Steps each token is held: 1 + (pruned patches skipped just before it), for the forward and the backward scan,
     both (B, n) in sequence order. ``index`` holds each token's position in the original sequence; the class
     token (at ``cls``) gets 1 and is transparent to the patch gaps."""
     patches = torch.cat([index[:, :cls], index[:, cls + 1:]], dim=1)
@@ -175,14 +175,14 @@ class TopVimVisionMamba(VisionMamba):
         cls, cls_orig, num_patches = self.cls_position, self.cls_position, n0 - 1
         index = torch.arange(n0, device=hidden.device).unsqueeze(0).expand(B, n0)
         trace = PruneTrace()
-        residual, scales, j = None, None, 0
+        residual, holds, j = None, None, 0
         for i, layer in enumerate(self.layers):
             trace.counts.append(hidden.shape[1])
             prune = j < len(p.layers) and p.layers[j] == i + 1
             k = p.kept[j] if prune else None
             prune = prune and k < hidden.shape[1] - 1
             want_scan = prune and p.config.mode == "importance"
-            out, residual = layer(hidden, residual, step_scale=scales, return_scan=want_scan)
+            out, residual = layer(hidden, residual, hold=holds, return_scan=want_scan)
             hidden, y = (out[0], out[1:]) if want_scan else (out, None)
             if j < len(p.layers) and p.layers[j] == i + 1:
                 j += 1
@@ -196,7 +196,7 @@ class TopVimVisionMamba(VisionMamba):
             hidden, residual, index = gather_tokens(hidden, keep), gather_tokens(residual, keep), index.gather(1, keep)
             cls = k // 2
             if p.config.align:
-                scales = gap_scales(index, cls, cls_orig, num_patches)
+                holds = gap_holds(index, cls, cls_orig, num_patches)
         trace.index, trace.cls = index, cls
         p.trace = trace
         return hidden, residual, cls
