@@ -20,7 +20,6 @@ few val images, exited tokens shaded by stage; no CamVid pixels, which may not b
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -188,7 +187,7 @@ def markdown(result: dict, png: str) -> str:
             f"of each image's median; images/s @8: the same 8 images as one batch (padded + masked ragged tokens; "
             f"'loop': one image at a time). Latency gain = dense latency / model latency.\n\n"
             + table(rows, cols) + "\n\n"
-            f"Target (issue 12): GMACs ratio <= 0.80 with mIoU within 0.5 of dense, latency gain at batch 1 >= 80 % "
+            "Target (issue 12): GMACs ratio <= 0.80 with mIoU within 0.5 of dense, latency gain at batch 1 >= 80 % "
             f"of 1 / GMACs ratio. " + result["verdict"] + "\n\n")
     if ade:
         text += (f"ADE20K sample: {ade['images']} real images (sizes {ade['sizes']} after resizing to fit 2048x512) "
