@@ -188,7 +188,7 @@ def markdown(result: dict, png: str) -> str:
             f"'loop': one image at a time). Latency gain = dense latency / model latency.\n\n"
             + table(rows, cols) + "\n\n"
             "Target (issue 12): GMACs ratio <= 0.80 with mIoU within 0.5 of dense, latency gain at batch 1 >= 80 % "
-            f"of 1 / GMACs ratio. " + result["verdict"] + "\n\n")
+            "of 1 / GMACs ratio. " + result["verdict"] + "\n\n")
     if ade:
         text += (f"ADE20K sample: {ade['images']} real images (sizes {ade['sizes']} after resizing to fit 2048x512) "
                  f"through the ade20k loader and sliding-window inference (512 window, 341 stride): "
