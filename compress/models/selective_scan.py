@@ -26,10 +26,12 @@ Why an op of its own (``torch.library.custom_op``):
 
 The CPU scan (``scan_chunked``) cuts L into chunks of ``CHUNK`` steps: the discretised decay and input of a
 whole chunk are computed at once, the state then runs through the chunk with one fused multiply-add per step
-(the only sequential part: O(L) small ops), and is carried to the next chunk. Memory is (B, D, T, N) per
-chunk. On this CPU that is ~10x faster than a parallel within-chunk form (weights exp(S_t - S_i) over a
-(T, T) matrix per state), which does T/2 times the exp work. ``scan_reference`` is the plain step-by-step
-loop that tests compare against.
+(the only sequential part: O(L) small ops), and is carried to the next chunk. Memory is (T, B, D, N) per
+chunk, time-major so that each step reads and writes contiguous slices, and the outer products and contractions
+with B and C are batched matmuls over that layout (no transposed copies): on a CIFAR-sized Vim that made the
+forward 4.5x and a training step 2.5x faster than the (B, D, T, N) layout with broadcasts and einsums. A
+parallel within-chunk form (weights exp(S_t - S_i) over a (T, T) matrix per state) was ~10x slower still: it
+does T/2 times the exp work. ``scan_reference`` is the plain step-by-step loop that tests compare against.
 """
 from __future__ import annotations
 
@@ -75,8 +77,15 @@ def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(u.dtype)
 
 
+def _time_major(t: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Steps s..e of a (b, c, L) tensor as a contiguous (T, b, c) (elementwise results follow their inputs'
+    memory layout, so a permuted view would make every step's slice strided again)."""
+    return t[:, :, s:e].permute(2, 0, 1).contiguous()
+
+
 def _chunk_terms(dl, du, A, B, hold, s: int, e: int):
-    """Decay exp(s dA) and input of steps s..e, (b, d, T, n) each; with ``hold`` also x = dA and the input factor
+    """Decay exp(s dA) and input of steps s..e, time-major (T, b, d, n) so that each step's slice is contiguous
+    (3x faster steps than slicing a (b, d, T, n) tensor); with ``hold`` also x = dA and the input factor
     (1 - e^{sx}) / (1 - e^x) that the backward needs.
 
     The factor is taken from e^{sx} (the decay) and e^x rather than from expm1, which is ~4x slower than exp on
@@ -84,14 +93,40 @@ def _chunk_terms(dl, du, A, B, hold, s: int, e: int):
     decaying state), so 1 - e^x > 0; adding 1e-30 keeps it so where x underflows, and the factor -> 0 there, in a
     term that is 0 anyway.
     """
-    x = dl[:, :, s:e, None] * A[None, :, None, :]
-    Bt = B[:, None, :, s:e].transpose(-1, -2)
-    inp = du[:, :, s:e, None] * Bt
+    dlT = _time_major(dl, s, e)
+    x = dlT[..., None] * A
+    inp = _outer(_time_major(du, s, e), _time_major(B, s, e))
     if hold is None:
         return torch.exp(x), inp, x, None
-    decay = torch.exp((dl[:, :, s:e] * hold[:, None, s:e])[..., None] * A[None, :, None, :])
+    decay = torch.exp((dlT * hold[:, s:e].t()[:, :, None])[..., None] * A)
     factor = (decay - 1).div_(torch.exp(x).sub_(1).sub_(1e-30))
     return decay, inp.mul_(factor), x, factor
+
+
+def _outer(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w[t, b, d] v[t, b, n] -> (T, b, d, n) as a batched matmul (7x faster than a broadcast multiply here)."""
+    T, b, d = w.shape
+    return torch.bmm(w.reshape(T * b, d, 1), v.reshape(T * b, 1, v.shape[-1])).view(T, b, d, -1)
+
+
+def _over_state(H: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_n H[t, b, d, n] v[t, b, n] -> (b, d, T): one batched matmul over H's own layout (no transposed copy)."""
+    T, b, d, n = H.shape
+    return torch.bmm(H.view(T * b, d, n), v.reshape(T * b, n, 1)).view(T, b, d).permute(1, 2, 0)
+
+
+def _over_channels(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_d H[t, b, d, n] w[t, b, d] -> (b, n, T), likewise."""
+    T, b, d, n = H.shape
+    return torch.bmm(w.reshape(T * b, 1, d), H.view(T * b, d, n)).view(T, b, n).permute(1, 2, 0)
+
+
+def _run_chunk(decay, inp, h):
+    """The states of one chunk, (T, b, d, n): h_t = decay_t h_{t-1} + inp_t, one fused op per step."""
+    H = torch.empty_like(inp)
+    for t in range(inp.shape[0]):
+        h = torch.addcmul(inp[t], decay[t], h, out=H[t])
+    return H
 
 
 def _as_hold(hold, A, dtype):
@@ -107,7 +142,7 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference`` (as the expanded reference
     with ``hold``).
 
-    Per chunk, exp(delta*A) and delta*B*u are computed for all its steps at once ((B, D, T, N) tensors), then
+    Per chunk, exp(delta*A) and delta*B*u are computed for all its steps at once ((T, B, D, N) tensors), then
     the state runs through the chunk with one fused multiply-add per step and is read out with C in one
     contraction; the state is carried to the next chunk. Memory is bounded by the chunk, not by L.
     """
@@ -122,11 +157,9 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     for s in range(0, L, chunk):
         e = min(s + chunk, L)
         decay, inp, _, _ = _chunk_terms(delta, du, A, B, hold, s, e)
-        hs = []
-        for t in range(e - s):
-            h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
-            hs.append(h)
-        ys.append(torch.einsum("bdtn,bnt->bdt", torch.stack(hs, dim=2), C[:, :, s:e]))
+        H = _run_chunk(decay, inp, h)
+        h = H[-1]
+        ys.append(_over_state(H, _time_major(C, s, e)))
     y = torch.cat(ys, dim=-1)
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
 
@@ -137,7 +170,7 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     ``hold`` is a constant (token counts), it gets none.
 
     A forward pass recomputes the states; it keeps them all when they are small (``KEEP_STATES``), otherwise only
-    the state at each chunk start, and the chunks are recomputed one by one (memory (B, D, T, N) per chunk). Chunks
+    the state at each chunk start, and the chunks are recomputed one by one (memory (T, B, D, N) per chunk). Chunks
     are visited in reverse and the state gradient runs backwards: gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}.
     (Autograd through the forward's step loop costs ~8x the forward on this CPU; this costs ~3x.)
     """
@@ -155,18 +188,11 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     keep_all = b * d * L * A.shape[1] <= KEEP_STATES  # small enough: keep every state instead of recomputing
     bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
 
-    def run(terms, h):
-        decay, inp = terms[0], terms[1]
-        hs = []
-        for t in range(inp.shape[2]):
-            h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
-            hs.append(h)
-        return torch.stack(hs, dim=2), h
-
     for s, e in bounds:  # states at chunk starts
         starts.append(h)
         terms = _chunk_terms(dl, du, A, B, hold, s, e)
-        H, h = run(terms, h)
+        H = _run_chunk(terms[0], terms[1], h)
+        h = H[-1].clone()  # not a view: the chunk's states are freed unless kept
         kept.append((terms, H) if keep_all else None)
     g_u, g_dl, g_C, g_B = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(C), torch.zeros_like(B)
     g_z = torch.zeros_like(u) if z is not None else None
@@ -177,14 +203,14 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
         if states is not None:
             (decay, _, x, factor), H = states
         else:
-            terms = _chunk_terms(dl, du, A, B, hold, s, e)
-            (decay, _, x, factor), H = terms, run(terms, h0)[0]
-        Hprev = torch.cat([h0[:, :, None], H[:, :, :-1]], dim=2)
-        Cc = C[:, :, s:e]
+            (decay, inp, x, factor) = _chunk_terms(dl, du, A, B, hold, s, e)
+            H = _run_chunk(decay, inp, h0)
+        Hprev = torch.cat([h0[None], H[:-1]], dim=0)
+        T, CT, BT = e - s, _time_major(C, s, e), _time_major(B, s, e)  # (T, b, n)
         g_y = g_out[:, :, s:e]
         if z is not None:
             zc = z[:, :, s:e].to(dtype)
-            y = torch.einsum("bdtn,bnt->bdt", H, Cc)
+            y = _over_state(H, CT)
             if Dd is not None:
                 y = y + u[:, :, s:e] * Dd[None, :, None]
             sig = torch.sigmoid(zc)
@@ -193,34 +219,30 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
         if Dd is not None:
             g_u[:, :, s:e] += g_y * Dd[None, :, None]
             g_D += (g_y * u[:, :, s:e]).sum((0, 2))
-        direct = g_y[..., None] * Cc.transpose(1, 2)[:, None]  # (b, d, T, n): C_t g_t
-        T = e - s
-        gh = direct[:, :, T - 1] + carry
-        ghs = [gh]
+        g_yT = _time_major(g_y, 0, T)
+        direct = _outer(g_yT, CT)  # (T, b, d, n): C_t g_t
+        GH = torch.empty_like(direct)
+        gh = torch.add(direct[T - 1], carry, out=GH[T - 1])
         for t in reversed(range(T - 1)):  # gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}: one fused op per step
-            gh = torch.addcmul(direct[:, :, t], decay[:, :, t + 1], gh)
-            ghs.append(gh)
-        carry = decay[:, :, 0] * gh  # to the previous chunk's last state
-        GH = torch.stack(ghs[::-1], dim=2)
-        Bt = B[:, :, s:e]
-        g_C[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", H, g_y)
-        g_x = GH * Hprev * decay  # gradient of x = delta*A, through exp(x) (times s with hold, below)
+            gh = torch.addcmul(direct[t], decay[t + 1], gh, out=GH[t])
+        carry = decay[0] * gh  # to the previous chunk's last state
+        duT = _time_major(du, s, e)
+        g_C[:, :, s:e] = _over_channels(H, g_yT)
+        GHf = GH if factor is None else GH * factor  # the input term is (factor *) du * B
+        g_B[:, :, s:e] = _over_channels(GHf, duT)
+        g_du = _over_state(GHf, BT)
         if factor is None:
-            g_B[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", GH, du[:, :, s:e])
-            g_du = torch.einsum("bdtn,bnt->bdt", GH, Bt)
-        else:  # input = factor(x) * du * B, decay = exp(s x)
-            sh = hold[:, None, s:e, None]
-            GHf = GH * factor
-            g_B[:, :, s:e] = torch.einsum("bdtn,bdt->bnt", GHf, du[:, :, s:e])
-            g_du = torch.einsum("bdtn,bnt->bdt", GHf, Bt)
+            g_x = GH.mul_(Hprev).mul_(decay)  # d/dx of exp(x) h_prev, x = delta*A (GH is not needed after this)
+        else:  # decay = exp(s x), and the factor depends on x too:
+            sh = hold[:, s:e].t()[:, :, None, None]
             # d factor / dx = (s e^{sx} expm1(x) - expm1(sx) e^x) / expm1(x)^2 -> s (s - 1) / 2 as x -> 0
             den = torch.expm1(x)
             safe = torch.where(den != 0, den, torch.ones_like(den))
             dfactor = torch.where(den != 0, (sh * decay * den - torch.expm1(sh * x) * torch.exp(x)) / safe**2,
                                   sh * (sh - 1) / 2)
-            g_x = g_x * sh + GH * dfactor * du[:, :, s:e, None] * Bt.transpose(1, 2)[:, None]
-        g_A += torch.einsum("bdtn,bdt->dn", g_x, dl[:, :, s:e])
-        g_dl[:, :, s:e] = torch.einsum("bdtn,dn->bdt", g_x, A) + g_du * u[:, :, s:e]
+            g_x = GH * Hprev * decay * sh + GH * dfactor * _outer(duT, BT)
+        g_A += (g_x * _time_major(dl, s, e)[..., None]).sum((0, 1))
+        g_dl[:, :, s:e] = (g_x * A).sum(-1).permute(1, 2, 0) + g_du * u[:, :, s:e]
         g_u[:, :, s:e] += g_du * dl[:, :, s:e]
     g_raw = g_dl * torch.sigmoid(raw) if delta_softplus else g_dl
     g_bias = g_raw.sum((0, 2)) if delta_bias is not None else None
