@@ -19,7 +19,7 @@ After chosen layers (1-based, "after layer l") the patch tokens are ranked and t
   (the scan op's ``hold``, s = 1 + g):
   h_t = exp(s delta_t A) h_prev + [expm1(s delta_t A) / expm1(delta_t A)] delta_t B_t u_t.
   The pruned tokens' projections, conv and delta are never computed (that is the saving); on CPU the hold costs
-  a per-state input factor in the scan (measured: 1.85x instead of naive dropping's 2.15x at 0.51 of the GMACs on
+  a per-state input factor in the scan (measured: 1.64x instead of naive dropping's 1.80x at 0.51 of the GMACs on
   the CIFAR-10 Vim), on CUDA the kernel runs over the expanded sequence (only the scan, ~16 % of a Vim-T layer's
   MACs, at full length). ``align: false`` turns it off (naive ViT-style dropping).
   Measured zero-shot on a small CIFAR-10 Vim (tools/results/vim_topvim_cifar10.md, KL to dense) against two
