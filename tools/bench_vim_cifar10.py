@@ -48,12 +48,12 @@ MODEL = {"name": "vim_custom",
 # 0.325, [2, 4] 0.243, [3] 0.180, [2, 3, 4] 0.230; at 0.5 [2, 3, 4] 0.440 against [1, 2, 4] 0.633, [2, 3] 0.501,
 # [2, 4] 0.503 (aligned; naive alike). Pruning later at a lower keep ratio beats pruning early at a higher one.
 PRUNE_LAYERS = {0.7: [3, 4], 0.5: [2, 3, 4]}
-OTHER_BUDGETS = [2, 3, 4]
+OTHER_BUDGETS_LAYERS = [2, 3, 4]  # for a --ratios budget not in PRUNE_LAYERS
+VARIANTS = {"aligned": {}, "naive": {"align": False}, "random": {"mode": "random"}}
 
 
 def prune_layers(ratio: float) -> list:
-    return PRUNE_LAYERS.get(ratio, OTHER_BUDGETS)
-VARIANTS = {"aligned": {}, "naive": {"align": False}, "random": {"mode": "random"}}
+    return PRUNE_LAYERS.get(ratio, OTHER_BUDGETS_LAYERS)
 
 
 def base_recipe(name: str, data_root: Path, batch: int, limit) -> dict:

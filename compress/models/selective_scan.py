@@ -187,13 +187,12 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     starts, kept, h = [], [], u.new_zeros(b, d, A.shape[1])
     keep_all = b * d * L * A.shape[1] <= KEEP_STATES  # small enough: keep every state instead of recomputing
     bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
-
     for s, e in bounds:  # states at chunk starts
         starts.append(h)
-        terms = _chunk_terms(dl, du, A, B, hold, s, e)
-        H = _run_chunk(terms[0], terms[1], h)
+        decay, inp, x, factor = _chunk_terms(dl, du, A, B, hold, s, e)
+        H = _run_chunk(decay, inp, h)
         h = H[-1].clone()  # not a view: the chunk's states are freed unless kept
-        kept.append((terms, H) if keep_all else None)
+        kept.append(((decay, x, factor), H) if keep_all else None)  # the input is not needed again
     g_u, g_dl, g_C, g_B = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(C), torch.zeros_like(B)
     g_z = torch.zeros_like(u) if z is not None else None
     g_A = torch.zeros_like(A)
@@ -201,9 +200,9 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     carry = torch.zeros_like(h)  # gradient reaching the last state of the chunk from the chunks after it
     for (s, e), h0, states in zip(reversed(bounds), reversed(starts), reversed(kept)):
         if states is not None:
-            (decay, _, x, factor), H = states
+            (decay, x, factor), H = states
         else:
-            (decay, inp, x, factor) = _chunk_terms(dl, du, A, B, hold, s, e)
+            decay, inp, x, factor = _chunk_terms(dl, du, A, B, hold, s, e)
             H = _run_chunk(decay, inp, h0)
         Hprev = torch.cat([h0[None], H[:-1]], dim=0)
         T, CT, BT = e - s, _time_major(C, s, e), _time_major(B, s, e)  # (T, b, n)
