@@ -72,6 +72,17 @@ class Pruner:
         """A stage trained a copy of the model under DeepSpeed; ``model`` now holds the consolidated
         weights: point the pruner at it again (default: nothing to do)."""
 
+    def trace_problem(self) -> Optional[str]:
+        """Why a model with this pruner attached cannot be traced to a static graph (ONNX, torch.export), or
+        None. ``compress export --format onnx|pt2`` refuses such a model with this reason."""
+        return None
+
+    @classmethod
+    def trace_variants(cls, model: nn.Module, edits: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        """The separate graphs an export of ``model`` is made of, as (file-name suffix, a function that sets
+        ``model`` up to run that one); default: the model itself. E.g. one file per expert of a routed model."""
+        return [("", None)]
+
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         """Make the decision physical; return the structural edits ``apply_edits`` can replay."""
         return {}

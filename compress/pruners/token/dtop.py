@@ -157,6 +157,10 @@ class DToP(TokenPruner):
     def detach(self, model: nn.Module) -> None:
         tokens.remove_patch(model.backbone)
 
+    def trace_problem(self) -> Optional[str]:
+        return ("its exits depend on each image's confidences, so the number of tokens each block runs on is "
+                "known only at run time")
+
     def expected_tokens(self) -> list:
         raise CompressError("dtop's token counts depend on the image; measure them (segmenter forward, last_exits)")
 

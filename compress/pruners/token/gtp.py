@@ -39,15 +39,14 @@ def spatial_graph(grid: Tuple[int, int], device=None) -> torch.Tensor:
     rows = torch.arange(h * w, device=device) // w
     cols = torch.arange(h * w, device=device) % w
     near = ((rows[:, None] - rows[None, :]).abs() <= 1) & ((cols[:, None] - cols[None, :]).abs() <= 1)
-    near.fill_diagonal_(False)
-    return near.float()
+    # masks, not in-place writes to a diagonal view: those trace to a strided scatter that ONNX has no op for
+    return (near & ~torch.eye(h * w, dtype=torch.bool, device=device)).float()
 
 
 def semantic_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     """0/1 adjacency (B x M x M): each token's ``k`` most cosine-similar other tokens (not symmetric)."""
     z = F.normalize(x.float(), dim=-1)
-    sim = z @ z.transpose(1, 2)
-    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    sim = (z @ z.transpose(1, 2)).masked_fill(torch.eye(x.shape[1], dtype=torch.bool, device=x.device), float("-inf"))
     k = min(k, x.shape[1] - 1)
     g = torch.zeros_like(sim)
     if k > 0:

@@ -48,26 +48,37 @@ def weighted_pagerank(attn: torch.Tensor, iters: int, init: torch.Tensor, alive:
         alive = alive.to(attn.dtype).expand(*lead, n).reshape(-1, 1, n)
         inv_mass = 1.0 / torch.bmm(mats, alive.transpose(1, 2)).transpose(1, 2).clamp_min(1e-12)
         s = s * alive
+    # one pass gains nothing from cache-sized chunks: then the whole batch is a single call; so does a traced
+    # graph (torch.export, torch.compile), where a Python loop over the batch would fix the batch size
+    if iters <= 1 or torch.compiler.is_compiling():
+        return _power_iterations(mats, s, iters, alive, inv_mass if alive is not None else None).reshape(*lead, n)
     out = torch.empty_like(s)
-    # one pass gains nothing from cache-sized chunks: then the whole batch is a single call
-    chunk = max(1, (1 << 20) // (n * n * attn.element_size())) if iters > 1 else mats.shape[0]
+    chunk = max(1, (1 << 20) // (n * n * attn.element_size()))
     for i in range(0, mats.shape[0], chunk):
-        a, v = mats[i:i + chunk], s[i:i + chunk]
-        if alive is None:
-            for _ in range(iters):
-                v = torch.bmm(v, a)
-        elif iters > 0:
-            # s <- ((s * w) @ A) * live, iterated on u = s * w: u <- u @ (A * (live * w)), the column
-            # scaling folded into the chunk's matrices once so every step is a single GEMV
-            w, live = inv_mass[i:i + chunk], alive[i:i + chunk]
-            u = v * w
-            if iters > 1:
-                scaled = a * (live * w)
-                for _ in range(iters - 1):
-                    u = torch.bmm(u, scaled)
-            v = torch.bmm(u, a) * live
-        out[i:i + chunk] = v
+        part = slice(i, i + chunk)
+        out[part] = _power_iterations(mats[part], s[part], iters, None if alive is None else alive[part],
+                                      None if alive is None else inv_mass[part])
     return out.reshape(*lead, n)
+
+
+def _power_iterations(a: torch.Tensor, v: torch.Tensor, iters: int, live: Optional[torch.Tensor],
+                      w: Optional[torch.Tensor]) -> torch.Tensor:
+    """``iters`` steps of s <- s @ A on one run of matrices; with ``live`` (the alive mask) and ``w`` (inverse
+    row masses) on the alive subgraph (see ``weighted_pagerank``)."""
+    if live is None:
+        for _ in range(iters):
+            v = torch.bmm(v, a)
+        return v
+    if iters <= 0:
+        return v
+    # s <- ((s * w) @ A) * live, iterated on u = s * w: u <- u @ (A * (live * w)), the column
+    # scaling folded into the chunk's matrices once so every step is a single GEMV
+    u = v * w
+    if iters > 1:
+        scaled = a * (live * w)
+        for _ in range(iters - 1):
+            u = torch.bmm(u, scaled)
+    return torch.bmm(u, a) * live
 
 
 def initial_scores(shape: Tuple[int, ...], n: int, cls_init: str, device, dtype, alive: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -127,10 +138,13 @@ def merge_into(x: torch.Tensor, size: torch.Tensor, victims: torch.Tensor, partn
 
 
 def _complement(m: int, drop: torch.Tensor) -> torch.Tensor:
-    """Indices of 0..m-1 not in ``drop`` (B x r), in ascending order (B x (m - r))."""
-    mask = torch.ones(drop.shape[0], m, dtype=torch.bool, device=drop.device)
-    mask.scatter_(1, drop, False)
-    return mask.nonzero()[:, 1].view(drop.shape[0], m - drop.shape[1])
+    """Indices of 0..m-1 not in ``drop`` (B x r), in ascending order (B x (m - r)).
+
+    A top-k of distinct keys (kept tokens first, lower positions first) rather than ``nonzero``, whose
+    data-dependent size a traced graph (ONNX, torch.export) cannot have."""
+    position = torch.arange(m, device=drop.device, dtype=torch.float32)
+    key = (2 * m - position).expand(drop.shape[0], m).scatter(1, drop, -1.0)
+    return key.topk(m - drop.shape[1], dim=1).indices
 
 
 # ---- config -----------------------------------------------------------------------------------
