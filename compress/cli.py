@@ -77,9 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--json", type=Path)
 
-    x = sub.add_parser("export", help="write the export folder of a run (again) to a new place")
-    x.add_argument("--run", type=Path, required=True, help="run directory")
-    x.add_argument("--out", type=Path, required=True)
+    x = sub.add_parser("export", help="a run's export folder (again), ONNX or torch.export files, or a Hub upload")
+    xsrc = x.add_mutually_exclusive_group(required=True)
+    xsrc.add_argument("--run", type=Path, help="run directory")
+    xsrc.add_argument("--checkpoint", type=Path, help="export folder")
+    x.add_argument("--out", type=Path, help="new folder (--format compress) or file (model.onnx, model.pt2)")
+    x.add_argument("--format", choices=["compress", "onnx", "pt2"], default="compress",
+                   help="compress: export folder (default); onnx: for onnxruntime/TensorRT; pt2: torch.export program")
+    x.add_argument("--static-batch", action="store_true", help="fix the batch size at 2 instead of a dynamic axis")
+    x.add_argument("--dense-tokens", action="store_true",
+                   help="export a model whose token pruner cannot be traced (dtop) with it detached: every token runs")
+    x.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export folder with a model card to the Hugging Face Hub")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
 
     sub.add_parser("pruners", help="list registered pruners with their parameters and defaults")
     sub.add_parser("recipes", help="list bundled recipes")
@@ -157,8 +166,24 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     from compress import commands
 
-    out = commands.export_run(args.run, args.out)
-    print(f"exported to {out}")
+    if args.format != "compress":
+        if args.out is None:
+            raise CompressError(f"export: --format {args.format} needs --out FILE (e.g. model.{args.format})")
+        if args.push_to_hub:
+            raise CompressError("export: --push-to-hub uploads the export folder; use it with --format compress")
+        for r in commands.deploy(args.run, args.checkpoint, args.out, args.format, not args.static_batch,
+                                 args.dense_tokens):
+            c = r["check"]
+            print(f"wrote {r['file']} ({r['format']}, batch {'dynamic' if r['dynamic_batch'] else 'fixed at 2'}); "
+                  f"vs compress.load at batch {c['batch_size']}: max |difference| {c['max_abs_diff']:.2g}")
+        return 0
+    if args.out is None and not args.push_to_hub:
+        raise CompressError("export: give --out DIR (or --push-to-hub ORG/NAME)")
+    out, url = commands.export_folder(args.run, args.checkpoint, args.out, args.push_to_hub, args.private)
+    if out is not None:
+        print(f"exported to {out}")
+    if url:
+        print(f"pushed to {url}")
     return 0
 
 

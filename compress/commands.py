@@ -1,7 +1,9 @@
 """What ``compress eval / bench / export / pruners / recipes`` do (the CLI only parses arguments)."""
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -205,6 +207,98 @@ def export_run(run_dir: Path, out: Path) -> Path:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else ctx.metrics
     return export_context(ctx, out, metrics)
+
+
+def copy_export(checkpoint: Path, out: Path) -> Path:
+    """A copy of the export folder ``checkpoint`` at ``out`` (checked first; written atomically)."""
+    from compress.export import read_manifest
+    from compress.run import check_writable_dir
+
+    read_manifest(checkpoint)
+    if out.exists():
+        raise CompressError(f"--out: {out} already exists")
+    check_writable_dir(out.parent, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_dir(out) as tmp:
+        for f in checkpoint.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return out
+
+
+def deploy_export(checkpoint: Path, out: Path, fmt: str, dynamic_batch: bool = True,
+                  dense_tokens: bool = False) -> List[Dict[str, Any]]:
+    """ONNX / .pt2 file(s) of the export ``checkpoint`` at ``out``: one file, or one per variant a pruner
+    declares (``Pruner.trace_variants``: e.g. ``out.expert0.onnx``...), each checked against ``compress.load``."""
+    from compress import deploy
+    from compress.export import load
+    from compress.registry import PRUNERS
+    from compress.run import check_writable_dir
+    from compress.tasks.base import Task
+
+    model = load(checkpoint)
+    manifest = model._compress_manifest
+    task = Task.for_manifest(manifest)
+    size = _input_size(model, manifest)
+    variants = [("", None)]
+    for entry in manifest["pruners"]:
+        found = PRUNERS.get(entry["spec"]["name"]).trace_variants(model, entry.get("edits") or {})
+        if found != [("", None)]:
+            variants = found
+    suffix = deploy.FORMATS[fmt]
+    stem = out.name[: -len(suffix)] if out.name.endswith(suffix) else out.name
+    targets = [out.with_name(f"{stem}{part}{suffix}") for part, _ in variants]
+    for target in targets:
+        if target.exists():
+            raise CompressError(f"--out: {target} already exists")
+    check_writable_dir(out.parent, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done: List[Dict[str, Any]] = []
+    try:
+        for (part, setup), target in zip(variants, targets):
+            if setup is not None:
+                setup(model)
+            result = deploy.export_model(model, fmt, target, lambda bs: task.example(size, bs), dynamic_batch,
+                                         dense_tokens)
+            done.append({**result, "variant": part.lstrip(".") or None})
+    except BaseException:
+        for result in done:  # all the files or none
+            Path(result["file"]).unlink(missing_ok=True)
+        raise
+    return done
+
+
+@contextlib.contextmanager
+def _export_of(run_dir: Optional[Path], checkpoint: Optional[Path]):
+    """The export folder of ``checkpoint``, or of the run (its ``export/``, else rebuilt in a temporary folder)."""
+    if checkpoint is not None:
+        yield checkpoint
+    elif (run_dir / "export").is_dir():
+        yield run_dir / "export"
+    else:
+        with tempfile.TemporaryDirectory(prefix="compress-export-") as tmp:
+            yield export_run(run_dir, Path(tmp) / "export")
+
+
+def deploy(run_dir: Optional[Path], checkpoint: Optional[Path], out: Path, fmt: str, dynamic_batch: bool = True,
+           dense_tokens: bool = False) -> List[Dict[str, Any]]:
+    """``compress export --format onnx|pt2``."""
+    with _export_of(run_dir, checkpoint) as folder:
+        return deploy_export(folder, out, fmt, dynamic_batch, dense_tokens)
+
+
+def export_folder(run_dir: Optional[Path], checkpoint: Optional[Path], out: Optional[Path],
+                  repo_id: Optional[str] = None, private: bool = False):
+    """``compress export [--out DIR] [--push-to-hub ORG/NAME]``: (the folder written or None, the Hub URL or None)."""
+    from compress import hub
+
+    if repo_id:
+        hub.parse(repo_id)  # a bad name fails before any work
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="compress-hub-") as tmp, _export_of(run_dir, checkpoint) as folder:
+            return None, hub.push(copy_export(folder, Path(tmp) / "hub"), repo_id, private)
+    written = export_run(run_dir, out) if run_dir is not None else copy_export(checkpoint, out)
+    return written, (hub.push(written, repo_id, private) if repo_id else None)
 
 
 def describe_pruners() -> str:

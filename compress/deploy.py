@@ -10,7 +10,10 @@ against the eager model on a batch of another size before it is kept (``check``)
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -23,6 +26,16 @@ from compress.errors import CompressError
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 TOLERANCE = 1e-4  # max |deployed - eager| relative to max |eager| accepted by ``check`` (fp32)
 log = logging.getLogger("compress")
+
+
+_PLAIN_OPS: List[Callable[[], Any]] = []  # context managers under which custom ops trace as standard ops
+
+
+def register_plain_ops(context: Callable[[], Any]) -> Callable[[], Any]:
+    """A model's custom op registers here how to trace it as standard ops (``selective_scan.as_plain_ops``):
+    ONNX has no translation for a custom op, so ONNX traces run inside every registered context."""
+    _PLAIN_OPS.append(context)
+    return context
 
 
 def _as_tuple(example: Any) -> Tuple[torch.Tensor, ...]:
@@ -53,32 +66,48 @@ def prepare(model: nn.Module, dense_tokens: bool = False) -> nn.Module:
     return model.eval()
 
 
-def trace(model: nn.Module, example: Any, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """One ``torch.export`` trace of ``model(*example)``, batch dimension dynamic (every input's first axis)."""
+def trace(model: nn.Module, example: Any, dynamic_batch: bool = True, plain_ops: bool = False) -> torch.export.ExportedProgram:
+    """One ``torch.export`` trace of ``model(*example)``, batch dimension dynamic (every input's first axis);
+    with ``plain_ops`` custom ops trace as the standard ops they are made of (see ``register_plain_ops``)."""
     args = _as_tuple(example)
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} for _ in args)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet(), contextlib.ExitStack() as stack:
+            for context in (_PLAIN_OPS if plain_ops else []):
+                stack.enter_context(context())
             return torch.export.export(model.eval(), args, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch's messages run to pages; the first line says what went wrong
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CompressError(f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first}") from e
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's own deprecation warnings from inside its exporters (not actionable by our users)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
+
+
 def write(program: torch.export.ExportedProgram, fmt: str, out: Union[str, Path]) -> Path:
     """Write ``program`` as ``fmt`` (onnx | pt2) to ``out``, atomically."""
     out = Path(out)
     if fmt == "pt2":
-        files.write_with(out, lambda tmp: torch.export.save(program, tmp))
+        buffer = io.BytesIO()  # torch.export.save wants a name ending in .pt2 or a buffer, not our temporary name
+        torch.export.save(program, buffer)
+        with files.atomic_path(out) as tmp:
+            tmp.write_bytes(buffer.getvalue())
         return out
     if fmt != "onnx":
         raise CompressError(f"--format: unknown format {fmt!r} (known: compress, {', '.join(FORMATS)})")
     _need_onnx()
     try:
-        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+        with _quiet():
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
     except Exception as e:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         missing = _missing_onnx_ops(program)
@@ -129,8 +158,8 @@ def runner(path: Union[str, Path], fmt: str) -> Callable[..., torch.Tensor]:
     """A callable that runs the deployed file ``path``."""
     if fmt == "onnx":
         return OnnxRuntimeModel(path)
-    program = torch.export.load(str(path))
-    return program.module()
+    with _quiet():
+        return torch.export.load(str(path)).module()
 
 
 def check(model: nn.Module, path: Union[str, Path], fmt: str, example_for: Callable[[int], Any],
@@ -158,7 +187,7 @@ def export_model(model: nn.Module, fmt: str, out: Union[str, Path], example_for:
     sizes than the one it was traced at. Nothing is left at ``out`` when anything fails."""
     out = Path(out)
     model = prepare(model, dense_tokens)
-    program = trace(model, example_for(2), dynamic_batch)
+    program = trace(model, example_for(2), dynamic_batch, plain_ops=fmt == "onnx")
     write(program, fmt, out)
     try:
         result = check(model, out, fmt, example_for, 3 if dynamic_batch else 2)

@@ -21,7 +21,7 @@ from compress import files
 from compress.errors import CompressError
 
 FORMAT = "compress-export/1"
-EXPORT_FILES = {"model.safetensors", "compress.json", "recipe.yaml"}
+EXPORT_FILES = {"model.safetensors", "compress.json", "recipe.yaml", "README.md", "tradeoff.png"}  # + a Hub card
 
 
 def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -152,17 +152,19 @@ def build_base(manifest: Dict[str, Any]) -> nn.Module:
     return build_from_spec(manifest["model"], pretrained=False)
 
 
-def load(path: Union[str, Path], with_pruners: bool = True) -> nn.Module:
+def load(path: Union[str, Path], with_pruners: bool = True, cache_dir: Optional[Union[str, Path]] = None) -> nn.Module:
     """Rebuild an exported (pruned) model as a plain ``nn.Module`` in eval mode.
 
-    With ``with_pruners=False`` token pruners are detached after the weights are loaded (the same
-    weights, dense tokens; parameters a token pruner added, e.g. STViT's, go with it).
+    ``path`` is an export folder or a Hub repository, ``"hf-hub:org/name[@revision]"`` (downloaded into the Hub
+    cache, ``cache_dir`` if given). With ``with_pruners=False`` token pruners are detached after the weights
+    are loaded (the same weights, dense tokens; parameters a token pruner added, e.g. STViT's, go with it).
     """
+    from compress import hub
     from compress.models.build import load_weights, read_safetensors
     from compress.pruners.base import build_pruner
     from compress.registry import PRUNERS
 
-    path = Path(path)
+    path = hub.resolve(path, cache_dir) if hub.is_hub_name(path) else Path(path)
     manifest = read_manifest(path)
     attached = []
     try:  # read_manifest checked the shape; what only the builder and the pruners can check names the file too

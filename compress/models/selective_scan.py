@@ -35,12 +35,16 @@ does T/2 times the exp work. ``scan_reference`` is the plain step-by-step loop t
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
+
+from compress import deploy
 
 CHUNK = 64
 KEEP_STATES = 2**24  # the backward keeps all (B, D, L, N) states up to this many elements (64 MB in fp32)
@@ -132,7 +136,7 @@ def _run_chunk(decay, inp, h):
 def _as_hold(hold, A, dtype):
     if hold is None:
         return None
-    if not bool((A < 0).all()):
+    if not torch.compiler.is_compiling() and not bool((A < 0).all()):  # a traced graph cannot branch on values
         raise ValueError("selective_scan: hold needs a decaying state (A < 0 everywhere), as every Mamba has")
     return hold.to(dtype)
 
@@ -283,6 +287,53 @@ def _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold=Non
             return scan_by_expansion(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+
+
+_AS_PLAIN_OPS = contextvars.ContextVar("compress_scan_as_plain_ops", default=False)
+
+
+@contextlib.contextmanager
+def as_plain_ops():
+    """Within this, ``scan`` runs the chunked PyTorch scan itself instead of the opaque op, so that a trace holds
+    only standard ops: for exporters that cannot carry a custom op (ONNX). The graph then has L small steps per
+    scan, unrolled."""
+    token = _AS_PLAIN_OPS.set(True)
+    try:
+        yield
+    finally:
+        _AS_PLAIN_OPS.reset(token)
+
+
+deploy.register_plain_ops(as_plain_ops)
+
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None) -> torch.Tensor:
+    """What models call: the op ``selective_scan``, or its plain PyTorch ops inside ``as_plain_ops``."""
+    if _AS_PLAIN_OPS.get():
+        return scan_as_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+
+
+def scan_as_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None) -> torch.Tensor:
+    """The recurrence with its step loop as torch's ``scan`` operator (one loop node in a traced graph, which the
+    ONNX exporter turns into an ONNX ``Scan``) instead of L unrolled steps: an ONNX export of a tiny Vim took
+    200 s unrolled. Inference only; the decay and input of all L steps are formed at once ((L, B, D, N))."""
+    from torch._higher_order_ops.scan import scan as loop
+
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    out_dtype = u.dtype
+    u, A, B, C, hold = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), _as_hold(hold, A, dtype)
+    delta = _prepare(delta.to(dtype), delta_bias, delta_softplus)
+    b, d, L = u.shape
+    decay, inp, _, _ = _chunk_terms(delta, delta * u, A, B, hold, 0, L)
+
+    def step(h, xs):
+        h = torch.addcmul(xs[1], xs[0], h)
+        return h, h.clone()
+
+    _, H = loop(step, u.new_zeros(b, d, A.shape[1]), (decay, inp))
+    y = _over_state(H.contiguous(), _time_major(C, 0, L))
+    return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
 
 
 @torch.library.custom_op("compress::selective_scan", mutates_args=())

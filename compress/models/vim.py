@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.errors import CompressError
-from compress.models.selective_scan import selective_scan
+from compress.models.selective_scan import scan
 from compress.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -132,8 +132,8 @@ class BiMamba(nn.Module):
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); the bias goes in with the softplus
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
         A = -torch.exp(A_log.float())
-        return selective_scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(), dt_proj.bias.float(), True,
-                              None if hold is None else hold.contiguous())
+        return scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(), dt_proj.bias.float(), True,
+                    None if hold is None else hold.contiguous())
 
     def forward(self, hidden: torch.Tensor, hold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 return_scan: bool = False):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -292,6 +292,15 @@ class APTP(Pruner):
             if key not in edits:
                 raise CompressError(f"edits: aptp edits have no {key!r}")
         build_routed(model, edits, int(edits.get("ff_gate_groups", 32)))
+
+    @classmethod
+    def trace_variants(cls, model: nn.Module, edits: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        """One graph per expert (``.expert<k>``): routing picks a whole UNet per prompt, so each deploys alone
+        and the router (``model.route(prompt_emb)``) chooses which one to run."""
+        def run_expert(k: int):
+            return lambda m: setattr(m.unet, "expert", k)
+
+        return [(f".expert{k}", run_expert(k)) for k in range(len(edits.get("experts", [])))] or [("", None)]
 
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
