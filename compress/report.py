@@ -126,7 +126,21 @@ def finish(ctx) -> Dict[str, Any]:
         print(metrics["bench"]["details"]["table"])
     if "storage" in metrics:
         print(storage_lines(metrics["storage"]))
+    plot = write_tradeoff_plot(ctx, metrics)
+    if plot is not None:
+        print(f"trade-off plot: {plot}")
     return metrics
+
+
+def write_tradeoff_plot(ctx, metrics: Dict[str, Any]):
+    """``<run_dir>/tradeoff.png`` (the task's primary metric vs GMACs and images/s), or None when the run has no
+    bench or no quality metrics to draw. Beside metrics.json, not in the export folder, whose files export.py owns."""
+    from compress.plots import tradeoff_png
+
+    task, recipe = ctx.task, ctx.recipe
+    label = next((title for key, title, _ in task.columns if key == task.primary), None)
+    title = f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}"
+    return tradeoff_png(metrics, ctx.run_dir / "tradeoff.png", title=title, metric=task.primary or None, metric_label=label)
 
 
 def _exportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
