@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", metavar="KIND:ROOT", help="measure on val images of this dataset instead of random inputs "
                    "(for pruners whose cost depends on the image, e.g. dtop)")
     b.add_argument("--device", default="auto")
+    b.add_argument("--onnx", action="store_true", help="also time dense and pruned exported to ONNX, run by onnxruntime")
     b.add_argument("--json", type=Path)
 
     x = sub.add_parser("export", help="a run's export folder (again), ONNX or torch.export files, or a Hub upload")
@@ -156,7 +157,7 @@ def cmd_bench(args) -> int:
 
     _check_json_target(args.json)
     results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
-                             args.repeats, data=args.data)
+                             args.repeats, data=args.data, onnx=args.onnx)
     print(commands.bench_table(results))
     if args.json:
         _write_json(args.json, results)

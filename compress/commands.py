@@ -108,7 +108,7 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
 
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
-          device: str, repeats: int, data: Optional[str] = None) -> Dict[str, Any]:
+          device: str, repeats: int, data: Optional[str] = None, onnx: bool = False) -> Dict[str, Any]:
     from compress.export import build_base, load
     from compress.tasks.base import Task
 
@@ -127,7 +127,10 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         if data_source.task != task.name:
             raise CompressError(f"--data: {kind} is a {data_source.task} dataset but the model is a {task.name} model")
         task.use_data(data_source.dataset("val", pruned, train=False))
-    results = compare(dense, pruned, lambda bs: task.example(size, bs, device), batch_sizes, device, repeats)
+    example = lambda bs: task.example(size, bs, device)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
+        runtimes = _onnx_runtimes({"dense": dense, "pruned": pruned}, example, Path(tmp), device) if onnx else None
+        results = compare(dense, pruned, example, batch_sizes, device, repeats, runtimes)
     results["source"] = source
     if hasattr(task, "bench_details"):  # a task with more to say (per-expert rows of a routed diffusion export)
         results["details"] = task.bench_details(pruned, size, batch_sizes, device, repeats, results["dense"]["gmacs"])
@@ -137,6 +140,24 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         results["storage"] = storage_report(dense, pruned, checkpoint)
     results["input_size"] = list(size)
     return results
+
+
+def _onnx_runtimes(models: Dict[str, Any], example, folder: Path, device: str) -> Dict[str, Any]:
+    """Each model exported to ONNX in ``folder`` (checked against it) and opened in onnxruntime with the threads
+    torch uses, as "<name> (onnxruntime)"."""
+    import copy
+
+    from compress import deploy
+    from compress.measure import pin_threads
+
+    if device != "cpu":
+        raise CompressError("--onnx: onnxruntime is timed on the CPU here; use --device cpu")
+    out = {}
+    for name, model in models.items():
+        path = folder / f"{name}.onnx"
+        deploy.export_model(copy.deepcopy(model), "onnx", path, example)
+        out[f"{name} (onnxruntime)"] = deploy.OnnxRuntimeModel(path, threads=pin_threads())
+    return out
 
 
 def bench_table(r: Dict[str, Any]) -> str:
@@ -154,6 +175,10 @@ def bench_table(r: Dict[str, Any]) -> str:
         ratio[f"ips{bs}"] = s
         ratio[f"lat{bs}"] = r["pruned"]["speed"][bs]["latency_ms"] / r["dense"]["speed"][bs]["latency_ms"]
     rows["pruned / dense"] = ratio
+    for name, m in (r.get("runtimes") or {}).items():  # other runtimes of the same models (onnxruntime)
+        rows[name] = {f"ips{bs}": s["images_per_s"] for bs, s in m["speed"].items()}
+        rows[name].update({f"lat{bs}": s["latency_ms"] for bs, s in m["speed"].items()})
+        rows[f"{name} / dense"] = {f"ips{bs}": v for bs, v in m["speedup_vs_dense"].items()}
     cols = [("gmacs", "GMACs", ".4f"), ("params", "params (M)", ".3f")]
     for bs in r["dense"]["speed"]:
         cols += [(f"ips{bs}", f"images/s @{bs}", ".2f"), (f"lat{bs}", f"latency ms @{bs}", ".2f")]

@@ -59,10 +59,6 @@ def resolve(name: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
 # ---- the model card -------------------------------------------------------------------------------
 
 
-def _quality(metrics: Dict[str, Any], task) -> Dict[str, Any]:
-    return {key: (metrics.get(name) or {}).get(key) for name in ("dense", "pruned") for key, _, _ in task.columns}
-
-
 def card_text(manifest: Dict[str, Any], recipe_yaml: Optional[str], repo_id: str, plot: Optional[str]) -> str:
     """The model card (``README.md``): Hub metadata, how to load it, the dense-vs-pruned table, the recipe."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -111,12 +107,10 @@ def write_card(folder: Union[str, Path], repo_id: str) -> Path:
     if tradeoff_png is not None and manifest.get("metrics"):
         from compress.tasks.base import Task
 
-        with files.atomic_path(folder / "tradeoff.png") as tmp:
-            made = tradeoff_png(manifest["metrics"], tmp, title=repo_id.split("/")[-1],
-                                task=Task.for_manifest(manifest))
-        if made is None:
-            (folder / "tradeoff.png").unlink(missing_ok=True)
-        else:
+        task = Task.for_manifest(manifest)
+        label = next((title for key, title, _ in task.columns if key == task.primary), None)
+        if tradeoff_png(manifest["metrics"], folder / "tradeoff.png", title=repo_id.split("/")[-1],
+                        metric=task.primary or None, metric_label=label) is not None:
             plot = "tradeoff.png"
     files.write_text(folder / "README.md", card_text(manifest, recipe.read_text() if recipe.is_file() else None,
                                                        repo_id, plot))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
@@ -10,9 +10,10 @@ from compress import files, measure
 
 
 def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), device: str = "cpu",
-            repeats: int = 10) -> Dict[str, Any]:
+            repeats: int = 10, runtimes: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Any]:
     """Dense vs pruned in one process; ``example`` is an input shape or ``batch_size -> inputs`` (see
-    ``Task.example``)."""
+    ``Task.example``). ``runtimes`` are other runners of the same models (e.g. onnxruntime sessions, named
+    "dense (onnxruntime)"), timed in the same interleaved rounds and reported beside them."""
     busy = measure.busy_cores_elsewhere() if device == "cpu" else None
     if busy is not None and busy > 0.5:
         import logging
@@ -20,7 +21,8 @@ def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), dev
         logging.getLogger("compress").warning(
             "benchmark: other processes keep %.1f CPU cores busy; speed ratios on a loaded machine vary a lot "
             "(see the spread of the rounds): rerun on an idle machine", busy)
-    prof = measure.profile({"dense": dense, "pruned": pruned}, example, batch_sizes, device=device, repeats=repeats)
+    prof = measure.profile({"dense": dense, "pruned": pruned, **(runtimes or {})}, example, batch_sizes,
+                           device=device, repeats=repeats)
     d, p = prof["dense"], prof["pruned"]
     ratios = {
         "gmacs": p["gmacs"] / d["gmacs"],
@@ -30,8 +32,13 @@ def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), dev
         "speedup_rounds": {bs: [pr / dr for pr, dr in zip(p["speed"][bs]["rounds_images_per_s"],
                                                           d["speed"][bs]["rounds_images_per_s"])] for bs in d["speed"]},
     }
-    return {"dense": d, "pruned": p, "ratios": ratios, "device": device, "threads": measure.pin_threads(),
-            "busy_cores_elsewhere": busy}
+    out = {"dense": d, "pruned": p, "ratios": ratios, "device": device, "threads": measure.pin_threads(),
+           "busy_cores_elsewhere": busy}
+    if runtimes:  # their speed vs the eager dense model; GMACs and parameters are the eager models' own
+        out["runtimes"] = {name: {"speed": prof[name]["speed"],
+                                  "speedup_vs_dense": {bs: prof[name]["speed"][bs]["images_per_s"] / d["speed"][bs]["images_per_s"]
+                                                       for bs in d["speed"]}} for name in runtimes}
+    return out
 
 
 def table(rows: Dict[str, Dict[str, Any]], columns) -> str:

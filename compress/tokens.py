@@ -171,6 +171,7 @@ class PrunableBlock(Block):
         x = policy.after_block(layer, x, info, state)
         self.attn._compress_info = None
         self.attn._compress_edit = None
+        self.attn._compress_bias = None  # no tensor stays on the module between forwards (torch.export flags it)
         return x
 
 
