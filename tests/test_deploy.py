@@ -166,3 +166,31 @@ def test_cli_export_onnx_then_bench_it_beside_pytorch(tmp_path, capsys):
     assert set(results["runtimes"]) == {"dense (onnxruntime)", "pruned (onnxruntime)"}
     assert all(v["speed"]["2"]["images_per_s"] > 0 for v in results["runtimes"].values())
     assert "pruned (onnxruntime) / dense" in commands.bench_table(results)
+
+
+def test_real_deit_tiny_token_pruned_onnx_agrees_on_real_images(tmp_path):
+    """The real DeiT-Tiny with Zero-TPrune (merge) at 0.65 of the GMACs: the ONNX file gives compress.load's logits
+    on real ImageNet images (same tolerance) and the same top-1 class for every image."""
+    from PIL import Image
+
+    from conftest import need_asset
+    from compress.models import build_model
+    from compress.recipe import ModelConfig
+
+    ckpt = need_asset("deit_tiny/deit_tiny_patch16_224.pth")
+    val = need_asset("imagenet-sample/val")
+    model = build_model(ModelConfig(name="deit_tiny_patch16_224", checkpoint=ckpt)).eval()
+    pruner = build_pruner({"name": "zero_tprune", "target_gmacs_ratio": 0.65, "merge": True})
+    pruner.attach(model)
+    folder = save(model, tmp_path / "export", model_spec("deit_tiny_patch16_224"), [pruner], [pruner.finalize(model)])
+    [result] = commands.deploy_export(folder, tmp_path / "deit.onnx", "onnx")
+    assert result["dynamic_batch"] and result["check"]["max_rel_diff"] <= deploy.TOLERANCE
+    loaded = load(folder)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=loaded), is_training=False)
+    files = sorted(f for d in sorted(val.iterdir()) if d.is_dir() for f in sorted(d.iterdir()))[::250][:4]
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.inference_mode():
+        want = loaded(x)
+    got = onnx_run(tmp_path / "deit.onnx", x)
+    assert_close(got, want)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
