@@ -17,19 +17,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from compress import tokens
 from compress.pruners.base import PrunerConfig
 from compress.pruners.token.base import TokenPruner
 from compress.registry import register_pruner
 
 
 # ---- the method's pieces, as plain tensor functions ------------------------------------------
-
-
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` is B x N (x C); ``idx`` B x K -> B x K (x C)."""
-    if t.dim() == 2:
-        return t.gather(1, idx)
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
 def bipartite_merge(
@@ -45,39 +39,38 @@ def bipartite_merge(
     ``size`` (B x N) and ``index`` (B x N) are carried along. Returns (x, size, index) with N - r
     tokens in the order [prefix, unmerged A (original order), B]. ``r`` is capped so that at least
     one token of each side survives.
+
+    At batch 1 on CPU each op costs about as much as its arithmetic, so the merge works on positions in
+    the full tensors: the merged B rows are updated in place of a copy by x_b += sum_a s_a (x_a - x_b) / S_b
+    (S_b the merged size: the size-weighted mean), and one permutation gathers the surviving rows of x,
+    size and index in the output order.
     """
     B, N, C = x.shape
     P = num_prefix
-    a_pos, b_pos = slice(0, None, 2), slice(1, None, 2)  # strided views, no copies
     n_a = (N + 1) // 2
     a_pre, b_pre = (P + 1) // 2, P // 2  # prefix tokens on each side (the first ones)
     r = min(r, n_a - a_pre, (N - P) // 2)
     if r <= 0 or N - n_a == b_pre:
         return x, size, index
-    metric = F.normalize(metric.float(), dim=-1)
-    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # B x Na x Nb cosine
-    # prefix tokens neither merge (rows) nor receive merges (columns)
-    scores[:, :a_pre, :] = float("-inf")
-    scores[:, :, :b_pre] = float("-inf")
-    best, best_b = scores.max(dim=-1)
+    metric = metric.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # prefix tokens neither merge nor receive merges: A and B start after them (positions 2 a_pre, 2 b_pre + 1)
+    a0, b0 = 2 * a_pre, 2 * b_pre + 1
+    best, best_b = (metric[:, a0::2] @ metric[:, b0::2].transpose(1, 2)).max(dim=-1)  # B x (Na - a_pre) cosine
     order = best.argsort(dim=1, descending=True)
-    src = order[:, :r]  # A tokens that merge
-    unm = order[:, r:].sort(dim=1).values[:, a_pre:]  # A tokens that stay, original order, prefix dropped
-    dst = best_b.gather(1, src)  # their B partners
+    src = order[:, :r] * 2 + a0  # positions of the A tokens that merge
+    dst = best_b.gather(1, order[:, :r]) * 2 + b0  # positions of their B partners
+    s_src = size.gather(1, src)
+    merged = size.scatter_add(1, dst, s_src)
+    weight = (s_src / merged.gather(1, dst)).to(x.dtype).unsqueeze(-1)
+    x = tokens.add_rows(x, dst, (tokens.take_rows(x, src) - tokens.take_rows(x, dst)) * weight)
+    # output order: prefix, the unmerged A tokens in original order, B
+    perm = torch.cat([_positions(0, P, 1, x), order[:, r:].sort(dim=1).values * 2 + a0, _positions(b0, N, 2, x)], dim=1)
+    return tokens.take_rows(x, perm), merged.gather(1, perm), index.gather(1, perm)
 
-    xa, xb = x[:, a_pos], x[:, b_pos]
-    sa, sb = size[:, a_pos].to(x.dtype), size[:, b_pos].to(x.dtype)
-    # size-weighted mean: sum(s * x) / sum(s) over each B token and the A tokens merged into it
-    num = (xb * sb.unsqueeze(-1)).scatter_reduce(
-        1, dst.unsqueeze(-1).expand(B, r, C), _gather_rows(xa * sa.unsqueeze(-1), src), reduce="sum"
-    )
-    den = sb.scatter_reduce(1, dst, sa.gather(1, src), reduce="sum")
-    xb_new = (num / den.unsqueeze(-1))[:, b_pre:]
 
-    x_out = torch.cat([x[:, :P], _gather_rows(xa, unm), xb_new], dim=1)
-    size_out = torch.cat([size[:, :P], size[:, a_pos].gather(1, unm), den[:, b_pre:].to(size.dtype)], dim=1)
-    index_out = torch.cat([index[:, :P], index[:, a_pos].gather(1, unm), index[:, b_pos][:, b_pre:]], dim=1)
-    return x_out, size_out, index_out
+def _positions(start: int, stop: int, step: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(start, stop, step, device=x.device).expand(x.shape[0], -1)
 
 
 def merged_counts(n0: int, num_prefix: int, rs: List[int]) -> List[Tuple[int, int]]:
