@@ -24,14 +24,18 @@ Why an op of its own (``torch.library.custom_op``):
   (B, L, D, N) intermediates per layer. On CPU the backward is written out (``scan_chunked_backward``, a
   reverse scan, chunked like the forward); on CUDA it recomputes through mamba-ssm's autograd.
 
-The CPU scan (``scan_chunked``) cuts L into chunks of ``CHUNK`` steps: the discretised decay and input of a
-whole chunk are computed at once, the state then runs through the chunk with one fused multiply-add per step
-(the only sequential part: O(L) small ops), and is carried to the next chunk. Memory is (T, B, D, N) per
-chunk, time-major so that each step reads and writes contiguous slices, and the outer products and contractions
-with B and C are batched matmuls over that layout (no transposed copies): on a CIFAR-sized Vim that made the
-forward 4.5x and a training step 2.5x faster than the (B, D, T, N) layout with broadcasts and einsums. A
-parallel within-chunk form (weights exp(S_t - S_i) over a (T, T) matrix per state) was ~10x slower still: it
-does T/2 times the exp work. ``scan_reference`` is the plain step-by-step loop that tests compare against.
+The CPU scan (``scan_chunked``) works time-major: its inputs are read once as (L, B, C) (a cheap copy from the
+(B, L, C) rows a linear layer writes), the state is (B, N, D) per step with channels innermost, and L is cut into
+chunks of ``CHUNK`` (8) steps. Per chunk the decays exp(delta*A) (as exp2, ~10 % cheaper) and inputs delta*B*u
+are formed at once into two (T, B, N, D) buffers that every chunk reuses (1.5 MB each at Vim-T's shapes: they stay
+in cache, where the previous 64-step (T, B, D, N) tensors of 12 MB streamed from memory), the state runs through
+the chunk with one fused multiply-add per step in place of the inputs (the only sequential part: O(L) small ops),
+and one batched matrix-vector product reads it out with C. The output is (B, D, L) laid out as (B, L, D), which
+the next linear layer reads without a copy. What remains is mostly the exp itself: one per state element, 465 M
+per Vim-T batch of 8 at ~1.4 ns each on this CPU (tools/results/selective_scan_cpu.md). A parallel within-chunk
+form (weights exp(S_t - S_i) over a (T, T) matrix per state) does T/2 times the exp work; a factored one
+(exp(S_t) * cumsum(exp(-S_i) ...)) twice the exps and overflows. ``scan_reference`` is the plain step-by-step
+loop that tests compare against.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ from torch.utils import flop_counter
 
 from compress import deploy
 
-CHUNK = 64
+CHUNK = 8
+LOG2E = 1.4426950408889634
 KEEP_STATES = 2**24  # the backward keeps all (B, D, L, N) states up to this many elements (64 MB in fp32)
 
 
@@ -81,58 +86,6 @@ def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(u.dtype)
 
 
-def _time_major(t: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """Steps s..e of a (b, c, L) tensor as a contiguous (T, b, c) (elementwise results follow their inputs'
-    memory layout, so a permuted view would make every step's slice strided again)."""
-    return t[:, :, s:e].permute(2, 0, 1).contiguous()
-
-
-def _chunk_terms(dl, du, A, B, hold, s: int, e: int):
-    """Decay exp(s dA) and input of steps s..e, time-major (T, b, d, n) so that each step's slice is contiguous
-    (3x faster steps than slicing a (b, d, T, n) tensor); with ``hold`` also x = dA and the input factor
-    (1 - e^{sx}) / (1 - e^x) that the backward needs.
-
-    The factor is taken from e^{sx} (the decay) and e^x rather than from expm1, which is ~4x slower than exp on
-    CPU: a relative error of ~eps/|x| (1e-4 at |x| = 1e-3 in fp32) in a term of size ~|x|. A is negative (a
-    decaying state), so 1 - e^x > 0; adding 1e-30 keeps it so where x underflows, and the factor -> 0 there, in a
-    term that is 0 anyway.
-    """
-    dlT = _time_major(dl, s, e)
-    x = dlT[..., None] * A
-    inp = _outer(_time_major(du, s, e), _time_major(B, s, e))
-    if hold is None:
-        return torch.exp(x), inp, x, None
-    decay = torch.exp((dlT * hold[:, s:e].t()[:, :, None])[..., None] * A)
-    factor = (decay - 1).div_(torch.exp(x).sub_(1).sub_(1e-30))
-    return decay, inp.mul_(factor), x, factor
-
-
-def _outer(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """w[t, b, d] v[t, b, n] -> (T, b, d, n) as a batched matmul (7x faster than a broadcast multiply here)."""
-    T, b, d = w.shape
-    return torch.bmm(w.reshape(T * b, d, 1), v.reshape(T * b, 1, v.shape[-1])).view(T, b, d, -1)
-
-
-def _over_state(H: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum_n H[t, b, d, n] v[t, b, n] -> (b, d, T): one batched matmul over H's own layout (no transposed copy)."""
-    T, b, d, n = H.shape
-    return torch.bmm(H.view(T * b, d, n), v.reshape(T * b, n, 1)).view(T, b, d).permute(1, 2, 0)
-
-
-def _over_channels(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum_d H[t, b, d, n] w[t, b, d] -> (b, n, T), likewise."""
-    T, b, d, n = H.shape
-    return torch.bmm(w.reshape(T * b, 1, d), H.view(T * b, d, n)).view(T, b, n).permute(1, 2, 0)
-
-
-def _run_chunk(decay, inp, h):
-    """The states of one chunk, (T, b, d, n): h_t = decay_t h_{t-1} + inp_t, one fused op per step."""
-    H = torch.empty_like(inp)
-    for t in range(inp.shape[0]):
-        h = torch.addcmul(inp[t], decay[t], h, out=H[t])
-    return H
-
-
 def _as_hold(hold, A, dtype):
     if hold is None:
         return None
@@ -141,115 +94,195 @@ def _as_hold(hold, A, dtype):
     return hold.to(dtype)
 
 
-def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
-                 chunk: int = CHUNK):
-    """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference`` (as the expanded reference
-    with ``hold``).
+def _tm(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A (b, c, L) tensor as a contiguous time-major (L, b, c): each step's slice is contiguous. From a (b, c, L)
+    view of (b, L, c) memory (how a linear layer's output arrives) this is a cheap copy, rows stay contiguous."""
+    t = t if dtype is None else t.to(dtype)
+    return t.permute(2, 0, 1).contiguous()
 
-    Per chunk, exp(delta*A) and delta*B*u are computed for all its steps at once ((T, B, D, N) tensors), then
-    the state runs through the chunk with one fused multiply-add per step and is read out with C in one
-    contraction; the state is carried to the next chunk. Memory is bounded by the chunk, not by L.
+
+def _from_tm(t: torch.Tensor) -> torch.Tensor:
+    """(L, b, c) -> (b, c, L) laid out as (b, L, c) in memory: rows stay contiguous (a copy to a contiguous
+    (b, c, L) would move single elements, ~8x slower), and the next linear layer reads (b, L, c) as it is."""
+    return t.transpose(0, 1).contiguous().transpose(1, 2)
+
+
+class _Scan:
+    """The scan's inputs prepared once, time-major: per-channel (L, b, d), per-state (L, b, n), A as (n, d).
+
+    The states are (T, b, n, d) per chunk: channels innermost, so that every elementwise op of the scan runs over
+    contiguous rows of d with at most a per-row scalar broadcast (decay and input: 0.2 ns an element, against 0.6
+    with the state innermost), and the readouts are batched matrix-vector products over the state's own layout.
     """
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    out_dtype = u.dtype
-    u, A, B, C, hold = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), _as_hold(hold, A, dtype)
-    delta = _prepare(delta.to(dtype), delta_bias, delta_softplus)
-    b, d, L = u.shape
-    du = delta * u  # (b, d, L)
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for s in range(0, L, chunk):
-        e = min(s + chunk, L)
-        decay, inp, _, _ = _chunk_terms(delta, du, A, B, hold, s, e)
-        H = _run_chunk(decay, inp, h)
-        h = H[-1]
-        ys.append(_over_state(H, _time_major(C, s, e)))
-    y = torch.cat(ys, dim=-1)
-    return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold):
+        self.dtype = dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+        self.uT = _tm(u, dtype)
+        raw = _tm(delta, dtype)
+        if delta_bias is not None:
+            raw = raw + delta_bias.to(dtype)
+        self.rawT = raw
+        self.dlT = F.softplus(raw) if delta_softplus else raw
+        self.duT = self.dlT * self.uT
+        self.BT, self.CT = _tm(B, dtype), _tm(C, dtype)
+        self.A = A.to(dtype).t().contiguous()  # (n, d)
+        self.A2 = self.A * LOG2E  # exp2 is ~10 % cheaper than exp here, and the exp is most of the scan's time
+        self.holdT = None if hold is None else _as_hold(hold, A, dtype).t().contiguous()  # (L, b)
+        self.zT = None if z is None else _tm(z, dtype)
+        self.D = None if D is None else D.to(dtype)
+        self.L, self.b, self.d = self.uT.shape
+        self.n = self.A.shape[0]
+
+    def buffers(self, chunk: int, count: int):
+        return [self.uT.new_empty(min(chunk, self.L), self.b, self.n, self.d) for _ in range(count)]
+
+    def terms(self, s: int, e: int, dec: torch.Tensor, inp: torch.Tensor):
+        """Decay and input of steps s..e into ``dec`` and ``inp`` ((T, b, n, d)); with ``hold`` also the input
+        factor (1 - e^{sx}) / (1 - e^x) and e^x, x = delta*A (the backward needs them).
+
+        The factor is taken from e^{sx} (the decay) and e^x rather than from expm1, which is ~4x slower than exp on
+        CPU: a relative error of ~eps/|x| (1e-4 at |x| = 1e-3 in fp32) in a term of size ~|x|. A is negative (a
+        decaying state), so 1 - e^x > 0; adding 1e-30 keeps it so where x underflows, and the factor -> 0 there, in
+        a term that is 0 anyway."""
+        torch.mul(self.dlT[s:e, :, None, :], self.A2, out=dec)
+        torch.mul(self.duT[s:e, :, None, :], self.BT[s:e, :, :, None], out=inp)
+        if self.holdT is None:
+            return dec.exp2_(), inp, None, None
+        e1 = torch.exp2(dec)
+        dec.mul_(self.holdT[s:e, :, None, None]).exp2_()
+        factor = (dec - 1).div_(e1 - 1 - 1e-30)
+        return dec, inp.mul_(factor), factor, e1
+
+    def readout(self, H: torch.Tensor, s: int, e: int, out: torch.Tensor) -> None:
+        """y_t = sum_n C_t[n] h_t[n, :] for the chunk's states H, into out (T, b, d)."""
+        T = e - s
+        torch.bmm(self.CT[s:e].reshape(T * self.b, 1, self.n), H.view(T * self.b, self.n, self.d),
+                  out=out.view(T * self.b, 1, self.d))
+
+    def finish(self, yT: torch.Tensor) -> torch.Tensor:
+        """(y + D u) * silu(z), time-major, in place in yT."""
+        if self.D is not None:
+            yT.addcmul_(self.uT, self.D)
+        if self.zT is not None:
+            yT.mul_(F.silu(self.zT))
+        return yT
+
+
+def _run_chunk(dec: torch.Tensor, H: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The chunk's states in place of its inputs H: h_t = dec_t h_{t-1} + inp_t, one fused op per step over
+    contiguous (b, n, d) slices (the only sequential part); returns the last state (a view into H)."""
+    for h_t, dec_t in zip(H.unbind(0), dec.unbind(0)):
+        h = h_t.addcmul_(dec_t, h)
+    return h
+
+
+def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
+                 chunk: Optional[int] = None):
+    """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference`` (as the expanded reference
+    with ``hold``). Out: (b, d, L) in u's dtype, laid out as (b, L, d) (see ``_from_tm``).
+
+    Per chunk, the decays exp(delta*A) and inputs delta*B*u of all its steps are formed at once into two
+    (T, b, n, d) buffers reused by every chunk (a few MB: they stay in cache), the state runs through the chunk
+    with one fused multiply-add per step, in place of the inputs, and is read out with C in one batched
+    matrix-vector product.
+    """
+    chunk = chunk or CHUNK
+    p = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    dec, H0, H1 = p.buffers(chunk, 3)
+    yT = p.uT.new_empty(p.L, p.b, p.d)
+    h = p.uT.new_zeros(p.b, p.n, p.d)
+    for i, s in enumerate(range(0, p.L, chunk)):
+        e = min(s + chunk, p.L)
+        T = e - s
+        H = (H0 if i % 2 == 0 else H1)[:T]  # two input/state buffers in turn: the last state stays readable
+        dc, H, _, _ = p.terms(s, e, dec[:T], H)
+        h = _run_chunk(dc, H, h)
+        p.readout(H, s, e, yT[s:e])
+    return _from_tm(p.finish(yT)).to(u.dtype)
 
 
 def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
-                          chunk: int = CHUNK):
+                          chunk: Optional[int] = None):
     """Gradients of ``scan_chunked`` w.r.t. (u, delta, A, B, C, D, z, delta_bias), written out (no autograd graph);
     ``hold`` is a constant (token counts), it gets none.
 
-    A forward pass recomputes the states; it keeps them all when they are small (``KEEP_STATES``), otherwise only
-    the state at each chunk start, and the chunks are recomputed one by one (memory (T, B, D, N) per chunk). Chunks
-    are visited in reverse and the state gradient runs backwards: gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}.
-    (Autograd through the forward's step loop costs ~8x the forward on this CPU; this costs ~3x.)
+    A forward pass computes the outputs and keeps the state at each chunk start (all chunks' decays and states
+    too when they are small, ``KEEP_STATES``); chunks are then visited in reverse, each recomputed from its start
+    state in cache-sized buffers (recomputing the exp is cheaper here than storing and re-reading (L, b, n, d)
+    tensors from memory), and the state gradient runs backwards: gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}.
     """
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, A, B, C, g_out = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), grad.to(dtype)
-    hold = _as_hold(hold, A, dtype)
-    raw = delta.to(dtype)
-    if delta_bias is not None:
-        raw = raw + delta_bias.to(dtype)[None, :, None]
-    dl = F.softplus(raw) if delta_softplus else raw
-    b, d, L = u.shape
-    du = dl * u
-    Dd = D.to(dtype) if D is not None else None
-    starts, kept, h = [], [], u.new_zeros(b, d, A.shape[1])
-    keep_all = b * d * L * A.shape[1] <= KEEP_STATES  # small enough: keep every state instead of recomputing
+    chunk = chunk or CHUNK
+    p = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    L, b, n, d = p.L, p.b, p.n, p.d
     bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
-    for s, e in bounds:  # states at chunk starts
-        starts.append(h)
-        decay, inp, x, factor = _chunk_terms(dl, du, A, B, hold, s, e)
-        H = _run_chunk(decay, inp, h)
-        h = H[-1].clone()  # not a view: the chunk's states are freed unless kept
-        kept.append(((decay, x, factor), H) if keep_all else None)  # the input is not needed again
-    g_u, g_dl, g_C, g_B = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(C), torch.zeros_like(B)
-    g_z = torch.zeros_like(u) if z is not None else None
-    g_A = torch.zeros_like(A)
-    g_D = torch.zeros_like(Dd) if Dd is not None else None
-    carry = torch.zeros_like(h)  # gradient reaching the last state of the chunk from the chunks after it
-    for (s, e), h0, states in zip(reversed(bounds), reversed(starts), reversed(kept)):
-        if states is not None:
-            (decay, x, factor), H = states
+    keep_all = b * d * L * n <= KEEP_STATES
+    dec, H0, H1, GH, GX = p.buffers(chunk, 5)
+    yT = p.uT.new_empty(L, b, d)
+    h = p.uT.new_zeros(b, n, d)
+    starts, kept = [], []
+    for i, (s, e) in enumerate(bounds):  # forward: outputs (for the gate's gradient) and the chunk-start states
+        T = e - s
+        starts.append(h.clone())
+        if keep_all:
+            dc, H, factor, e1 = p.terms(s, e, p.uT.new_empty(T, b, n, d), p.uT.new_empty(T, b, n, d))
         else:
-            decay, inp, x, factor = _chunk_terms(dl, du, A, B, hold, s, e)
-            H = _run_chunk(decay, inp, h0)
-        Hprev = torch.cat([h0[None], H[:-1]], dim=0)
-        T, CT, BT = e - s, _time_major(C, s, e), _time_major(B, s, e)  # (T, b, n)
-        g_y = g_out[:, :, s:e]
-        if z is not None:
-            zc = z[:, :, s:e].to(dtype)
-            y = _over_state(H, CT)
-            if Dd is not None:
-                y = y + u[:, :, s:e] * Dd[None, :, None]
-            sig = torch.sigmoid(zc)
-            g_z[:, :, s:e] = g_y * y * sig * (1 + zc * (1 - sig))
-            g_y = g_y * zc * sig
-        if Dd is not None:
-            g_u[:, :, s:e] += g_y * Dd[None, :, None]
-            g_D += (g_y * u[:, :, s:e]).sum((0, 2))
-        g_yT = _time_major(g_y, 0, T)
-        direct = _outer(g_yT, CT)  # (T, b, d, n): C_t g_t
-        GH = torch.empty_like(direct)
-        gh = torch.add(direct[T - 1], carry, out=GH[T - 1])
-        for t in reversed(range(T - 1)):  # gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}: one fused op per step
-            gh = torch.addcmul(direct[t], decay[t + 1], gh, out=GH[t])
-        carry = decay[0] * gh  # to the previous chunk's last state
-        duT = _time_major(du, s, e)
-        g_C[:, :, s:e] = _over_channels(H, g_yT)
-        GHf = GH if factor is None else GH * factor  # the input term is (factor *) du * B
-        g_B[:, :, s:e] = _over_channels(GHf, duT)
-        g_du = _over_state(GHf, BT)
-        if factor is None:
-            g_x = GH.mul_(Hprev).mul_(decay)  # d/dx of exp(x) h_prev, x = delta*A (GH is not needed after this)
-        else:  # decay = exp(s x), and the factor depends on x too:
-            sh = hold[:, s:e].t()[:, :, None, None]
+            dc, H, factor, e1 = p.terms(s, e, dec[:T], (H0 if i % 2 == 0 else H1)[:T])
+        h = _run_chunk(dc, H, h)
+        p.readout(H, s, e, yT[s:e])
+        kept.append((dc, H, factor, e1) if keep_all else None)
+    gT = _tm(grad, p.dtype)
+    g_zT = None
+    if p.zT is not None:  # out = y_full * silu(z), y_full = y + D u
+        if p.D is not None:
+            yT.addcmul_(p.uT, p.D)
+        sig = torch.sigmoid(p.zT)
+        g_zT = gT * yT * sig * (1 + p.zT * (1 - sig))
+        gT = gT * (p.zT * sig)
+    g_uT = gT * p.D if p.D is not None else torch.zeros_like(p.uT)
+    g_D = (gT * p.uT).sum((0, 1)) if p.D is not None else None
+    g_dlT, g_BT, g_CT = torch.empty_like(p.uT), torch.empty_like(p.BT), torch.empty_like(p.CT)
+    g_A = torch.zeros_like(p.A)  # (n, d)
+    carry = torch.zeros_like(h)  # gradient reaching the chunk's last state from the chunks after it
+    for i in reversed(range(len(bounds))):
+        s, e = bounds[i]
+        T = e - s
+        h0 = starts[i]
+        if keep_all:
+            dc, H, factor, e1 = kept[i]
+        else:
+            dc, H, factor, e1 = p.terms(s, e, dec[:T], H0[:T])
+            _run_chunk(dc, H, h0)
+        gy = gT[s:e]  # (T, b, d)
+        Gh = torch.mul(p.CT[s:e, :, :, None], gy[:, :, None, :], out=GH[:T])  # C_t g_t
+        gh = Gh[T - 1].add_(carry)
+        for t in reversed(range(T - 1)):
+            gh = Gh[t].addcmul_(dc[t + 1], gh)
+        carry = dc[0] * gh
+        torch.bmm(H.view(T * b, n, d), gy.reshape(T * b, d, 1), out=g_CT[s:e].view(T * b, n, 1))
+        Ghf = Gh if factor is None else Gh * factor  # the input term is (factor *) du * B
+        duT, BT = p.duT[s:e], p.BT[s:e]
+        torch.bmm(Ghf.view(T * b, n, d), duT.reshape(T * b, d, 1), out=g_BT[s:e].view(T * b, n, 1))
+        g_du = torch.bmm(BT.reshape(T * b, 1, n), Ghf.view(T * b, n, d)).view(T, b, d)
+        gx = GX[:T]  # d/dx of the decay term: Gh * h_{t-1} * exp(x) (* hold)
+        torch.mul(Gh[1:], H[:-1], out=gx[1:])
+        torch.mul(Gh[0], h0, out=gx[0])
+        gx.mul_(dc)
+        if factor is not None:  # decay = exp(s x), and the input factor depends on x too
+            sh = p.holdT[s:e, :, None, None]
+            x = (p.dlT[s:e, :, None, :] * p.A)
             # d factor / dx = (s e^{sx} expm1(x) - expm1(sx) e^x) / expm1(x)^2 -> s (s - 1) / 2 as x -> 0
             den = torch.expm1(x)
             safe = torch.where(den != 0, den, torch.ones_like(den))
-            dfactor = torch.where(den != 0, (sh * decay * den - torch.expm1(sh * x) * torch.exp(x)) / safe**2,
-                                  sh * (sh - 1) / 2)
-            g_x = GH * Hprev * decay * sh + GH * dfactor * _outer(duT, BT)
-        g_A += (g_x * _time_major(dl, s, e)[..., None]).sum((0, 1))
-        g_dl[:, :, s:e] = (g_x * A).sum(-1).permute(1, 2, 0) + g_du * u[:, :, s:e]
-        g_u[:, :, s:e] += g_du * dl[:, :, s:e]
-    g_raw = g_dl * torch.sigmoid(raw) if delta_softplus else g_dl
-    g_bias = g_raw.sum((0, 2)) if delta_bias is not None else None
-    return g_u, g_raw, g_A, g_B, g_C, g_D, g_z, g_bias
+            dfactor = torch.where(den != 0, (sh * dc * den - torch.expm1(sh * x) * e1) / safe**2, sh * (sh - 1) / 2)
+            gx.mul_(sh).addcmul_(Gh, dfactor * torch.mul(duT[:, :, None, :], BT[:, :, :, None]))
+        g_A += (gx * p.dlT[s:e, :, None, :]).sum((0, 1))
+        torch.sum(gx.mul_(p.A), 2, out=g_dlT[s:e])
+        g_dlT[s:e].addcmul_(g_du, p.uT[s:e])
+        g_uT[s:e].addcmul_(g_du, p.dlT[s:e])
+    g_rawT = g_dlT * torch.sigmoid(p.rawT) if delta_softplus else g_dlT
+    g_bias = g_rawT.sum((0, 1)) if delta_bias is not None else None
+    g_z = _from_tm(g_zT) if g_zT is not None else None
+    return _from_tm(g_uT), _from_tm(g_rawT), g_A.t(), _from_tm(g_BT), _from_tm(g_CT), g_D, g_z, g_bias
 
 
 @functools.lru_cache(maxsize=1)
@@ -322,18 +355,31 @@ def scan_as_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
 
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     out_dtype = u.dtype
-    u, A, B, C, hold = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), _as_hold(hold, A, dtype)
-    delta = _prepare(delta.to(dtype), delta_bias, delta_softplus)
-    b, d, L = u.shape
-    decay, inp, _, _ = _chunk_terms(delta, delta * u, A, B, hold, 0, L)
+    hold = _as_hold(hold, A, dtype)
+    uT, BT, CT = _tm(u, dtype), _tm(B, dtype), _tm(C, dtype)
+    dlT = _prepare(_tm(delta, dtype).permute(1, 2, 0), delta_bias, delta_softplus).permute(2, 0, 1)  # (L, b, d)
+    At = A.to(dtype).t()  # (n, d)
+    x = dlT[:, :, None, :] * At  # (L, b, n, d); plain exp, no exp2 (ONNX has no Exp2)
+    inp = (dlT * uT)[:, :, None, :] * BT[..., None]
+    if hold is None:
+        decay = torch.exp(x)
+    else:
+        decay = torch.exp(x * hold.t()[:, :, None, None])
+        inp = inp * (decay - 1) / (torch.exp(x) - 1 - 1e-30)
+    b, n, d = u.shape[0], At.shape[0], At.shape[1]
 
     def step(h, xs):
         h = torch.addcmul(xs[1], xs[0], h)
         return h, h.clone()
 
-    _, H = loop(step, u.new_zeros(b, d, A.shape[1]), (decay, inp))
-    y = _over_state(H.contiguous(), _time_major(C, 0, L))
-    return _finish(y, u, D if D is None else D.to(dtype), z if z is None else z.to(dtype)).to(out_dtype)
+    _, H = loop(step, uT.new_zeros(b, n, d), (decay, inp))
+    L = uT.shape[0]
+    yT = torch.bmm(CT.reshape(L * b, 1, n), H.contiguous().view(L * b, n, d)).view(L, b, d)
+    if D is not None:
+        yT = yT + uT * D.to(dtype)
+    if z is not None:
+        yT = yT * F.silu(_tm(z, dtype))
+    return yT.permute(1, 2, 0).to(out_dtype)
 
 
 @torch.library.custom_op("compress::selective_scan", mutates_args=())
@@ -341,14 +387,24 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                    hold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Selective scan, (B, D, L) out in u's dtype. Differentiable (not in ``hold``); counted by the FLOP counter."""
+    """Selective scan, (B, D, L) out in u's dtype, laid out as (B, L, D). Differentiable (not in ``hold``); counted by the FLOP counter."""
     with torch.no_grad():
-        return _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold).to(u.dtype).contiguous()
+        return _out_layout(_scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold).to(u.dtype))
 
 
 @selective_scan.register_fake
 def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
-    return torch.empty_like(u)
+    b, d, L = u.shape
+    return u.new_empty(b, L, d).transpose(1, 2)
+
+
+def _out_layout(y: torch.Tensor) -> torch.Tensor:
+    """The op's output layout: (b, d, L) laid out as (b, L, d), which the CPU scan produces directly and Vim's
+    out_proj reads without a copy (the CUDA kernel's contiguous output is transposed once)."""
+    b, d, L = y.shape
+    if y.stride() == (L * d, 1, d) or d == 1 or L == 1:
+        return y
+    return y.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _setup_context(ctx, inputs, output):

@@ -81,6 +81,30 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return F.silu(conv(x)[..., : x.shape[-1]])
 
 
+def _counting_flops() -> bool:
+    """Whether a ``torch.utils.flop_counter.FlopCounterMode`` is active (it counts convolutions, not the
+    elementwise form of the conv below, so the conv is run as one while counting: same MACs as before)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any("FlopCounterMode" in type(m).__name__ for m in _get_current_dispatch_mode_stack())
+
+
+def causal_conv_silu_tokens(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """The same on token-major (B, L, D) (how in_proj's output lies), out (B, L, D): on CPU as K shifted
+    multiply-adds over whole rows, which reads in_proj's output in place and hands x_proj and the scan rows
+    they read without a copy (a Conv1d wants (B, D, L) and its output goes back to (B, L, D): two transposes
+    that cost more than the conv)."""
+    if (x.is_cuda and _cuda_conv() is not None) or _counting_flops():  # the FLOP counter counts a conv, not this
+        return causal_conv_silu(x.transpose(1, 2), conv).transpose(1, 2)
+    L, K = x.shape[1], conv.kernel_size[0]
+    w = conv.weight[:, 0].t()  # (K, D): out[t] = bias + sum_j w[j] x[t + j - (K - 1)]
+    xp = F.pad(x, (0, 0, K - 1, 0))
+    out = torch.addcmul(conv.bias, xp[:, K - 1:], w[K - 1]) if conv.bias is not None else xp[:, K - 1:] * w[K - 1]
+    for j in range(K - 1):
+        out = out.addcmul_(xp[:, j: j + L], w[j]) if not torch.is_grad_enabled() else out.addcmul(xp[:, j: j + L], w[j])
+    return F.silu(out)
+
+
 class BiMamba(nn.Module):
     """Mamba mixer, bimamba v2: shared in/out projections, a forward and a flipped scan with their own parameters.
 
@@ -123,26 +147,27 @@ class BiMamba(nn.Module):
             setattr(self, "D" + suffix, D)
 
     def _direction(self, xz: torch.Tensor, suffix: str, hold: Optional[torch.Tensor]) -> torch.Tensor:
+        """One scan direction on token-major xz (B, L, 2 d_inner); its gated output (B, d_inner, L)."""
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-        x = causal_conv_silu(x, conv)
-        dbc = x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) each
+        x = causal_conv_silu_tokens(x, conv)
+        dbc = x_proj(x)  # (B, L, R + 2N)
         dt, Bm, Cm = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); the bias goes in with the softplus
-        Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
+        delta = dt @ dt_proj.weight.t()  # (B, L, d_inner); the bias goes in with the softplus
         A = -torch.exp(A_log.float())
-        return scan(x, delta.contiguous(), A, Bm, Cm, D.float(), z.contiguous(), dt_proj.bias.float(), True,
-                    None if hold is None else hold.contiguous())
+        # the scan takes (B, C, L): transposed views of token-major rows (it reads them time-major, a cheap copy)
+        return scan(x.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), D.float(),
+                    z.transpose(1, 2), dt_proj.bias.float(), True, None if hold is None else hold.contiguous())
 
     def forward(self, hidden: torch.Tensor, hold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 return_scan: bool = False):
         """(B, L, d_model) -> (B, L, d_model); with ``return_scan`` also both directions' gated scan outputs
         (B, d_inner, L), in sequence order."""
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L)
+        xz = self.in_proj(hidden)  # (B, L, 2 d_inner)
         fwd_hold, bwd_hold = hold if hold is not None else (None, None)
         y_f = self._direction(xz, "", fwd_hold)
-        y_b = self._direction(xz.flip(-1), "_b", None if bwd_hold is None else bwd_hold.flip(-1)).flip(-1)
+        y_b = self._direction(xz.flip(1), "_b", None if bwd_hold is None else bwd_hold.flip(-1)).flip(-1)
         y = y_f + y_b
         if self.divide_out:
             y = y / 2
