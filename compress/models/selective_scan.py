@@ -50,7 +50,8 @@ from torch.utils import flop_counter
 
 from compress import deploy
 
-CHUNK = 8
+CHUNK = None  # steps per chunk; None: as many as fill CHUNK_ELEMENTS (8 at Vim-T's batch 8, 64 at batch 1)
+CHUNK_ELEMENTS = 8 * 8 * 16 * 384  # state elements per chunk buffer (1.5 MB in fp32: stays in cache)
 LOG2E = 1.4426950408889634
 KEEP_STATES = 2**24  # the backward keeps all (B, D, L, N) states up to this many elements (64 MB in fp32)
 
@@ -132,26 +133,85 @@ class _Scan:
         self.D = None if D is None else D.to(dtype)
         self.L, self.b, self.d = self.uT.shape
         self.n = self.A.shape[0]
+        self.held = self.dl_held = None
+        if self.holdT is not None:
+            self._held_terms()
+
+    def _held_terms(self):
+        """The held steps (hold != 1: a pruned gap before them, a minority) differ from plain steps only in the
+        decay, exp(s x) (formed for every step at no extra cost from delta * s, see ``terms``), and in the input
+        factor (1 - e^{sx}) / (1 - e^x): the factor and the held inputs are computed here once, for all the held
+        steps as whole (n, d) rows of the flattened (L * b) steps, and each chunk copies its rows in (one op)."""
+        s_rows = self.holdT.reshape(-1)
+        self.dl_held = self.dlT * self.holdT[:, :, None]  # s delta: the decay of every step is exp(s delta A)
+        idx = (s_rows != 1).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        x2 = self.dlT.reshape(-1, self.d).index_select(0, idx)[:, None, :] * self.A2  # (H, n, d)
+        e1 = torch.exp2(x2)
+        d_held = x2.mul_(s_rows.index_select(0, idx)[:, None, None]).exp2_()  # e^{sx}
+        factor = (d_held - 1).div_(e1 - 1 - 1e-30)
+        inp = torch.mul(self.duT.reshape(-1, self.d).index_select(0, idx)[:, None, :],
+                        self.BT.reshape(-1, self.n).index_select(0, idx)[:, :, None]).mul_(factor)
+        self.held = (idx, inp, factor, e1)
+        self._bounds = {}
+
+    def _held_in(self, s: int, e: int):
+        """The held rows of steps s..e: (their row indices in the chunk's (T * b) rows, held input, factor, e^x)."""
+        idx, inp, factor, e1 = self.held
+        T = e - s
+        if T not in self._bounds:  # the row ranges of every chunk of T steps, found at once
+            starts = torch.arange(0, self.L + T, T, device=idx.device).clamp(max=self.L) * self.b
+            self._bounds[T] = torch.searchsorted(idx, starts).tolist()
+        bounds = self._bounds[T]
+        if s % T == 0 and s // T + 1 < len(bounds):
+            lo, hi = bounds[s // T], bounds[s // T + 1]
+        else:  # the last, shorter chunk
+            lo, hi = torch.searchsorted(idx, torch.tensor([s * self.b, e * self.b], device=idx.device)).tolist()
+        if lo == hi:
+            return None
+        return idx[lo:hi] - s * self.b, inp[lo:hi], factor[lo:hi], e1[lo:hi]
+
+    def chunk(self) -> int:
+        """``CHUNK``, or the steps that fill ``CHUNK_ELEMENTS`` (8 to 64): small batches take longer chunks, which
+        keeps the Python loop's per-chunk ops few."""
+        if CHUNK:
+            return CHUNK
+        return max(8, min(64, CHUNK_ELEMENTS // (self.b * self.n * self.d)))
 
     def buffers(self, chunk: int, count: int):
         return [self.uT.new_empty(min(chunk, self.L), self.b, self.n, self.d) for _ in range(count)]
 
     def terms(self, s: int, e: int, dec: torch.Tensor, inp: torch.Tensor):
-        """Decay and input of steps s..e into ``dec`` and ``inp`` ((T, b, n, d)); with ``hold`` also the input
-        factor (1 - e^{sx}) / (1 - e^x) and e^x, x = delta*A (the backward needs them).
+        """Decay and input of steps s..e into ``dec`` and ``inp`` ((T, b, n, d)); with ``hold`` also, at the held steps
+        (hold != 1) only, the input factor (1 - e^{sx}) / (1 - e^x) and (their row indices, e^x), x = delta*A (the
+        backward needs them; ``dense_hold_terms`` spreads them out).
 
         The factor is taken from e^{sx} (the decay) and e^x rather than from expm1, which is ~4x slower than exp on
         CPU: a relative error of ~eps/|x| (1e-4 at |x| = 1e-3 in fp32) in a term of size ~|x|. A is negative (a
         decaying state), so 1 - e^x > 0; adding 1e-30 keeps it so where x underflows, and the factor -> 0 there, in
         a term that is 0 anyway."""
-        torch.mul(self.dlT[s:e, :, None, :], self.A2, out=dec)
+        dl = self.dlT if self.holdT is None else self.dl_held
+        torch.mul(dl[s:e, :, None, :], self.A2, out=dec).exp2_()
         torch.mul(self.duT[s:e, :, None, :], self.BT[s:e, :, :, None], out=inp)
-        if self.holdT is None:
-            return dec.exp2_(), inp, None, None
-        e1 = torch.exp2(dec)
-        dec.mul_(self.holdT[s:e, :, None, None]).exp2_()
-        factor = (dec - 1).div_(e1 - 1 - 1e-30)
-        return dec, inp.mul_(factor), factor, e1
+        held = self._held_in(s, e) if self.held is not None else None
+        if held is None:
+            return dec, inp, None, None
+        loc, inp_held, factor, e1 = held
+        T, rows = e - s, self.n * self.d
+        inp.view(T * self.b, rows).index_copy_(0, loc, inp_held.view(-1, rows))
+        return dec, inp, factor, (loc, e1)
+
+    def dense_hold_terms(self, dec, factor, held):
+        """The sparse hold terms of ``terms`` as full (T, b, n, d) tensors (factor 1 and e^x = decay where hold is
+        1), for the backward."""
+        idx, e1 = held
+        T = dec.shape[0]
+        full_f = torch.ones_like(dec)
+        full_f.view(T * self.b, -1).index_copy_(0, idx, factor.reshape(idx.numel(), -1))
+        full_e1 = dec.clone()
+        full_e1.view(T * self.b, -1).index_copy_(0, idx, e1.reshape(idx.numel(), -1))
+        return full_f, full_e1
 
     def readout(self, H: torch.Tensor, s: int, e: int, out: torch.Tensor) -> None:
         """y_t = sum_n C_t[n] h_t[n, :] for the chunk's states H, into out (T, b, d)."""
@@ -186,8 +246,8 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     with one fused multiply-add per step, in place of the inputs, and is read out with C in one batched
     matrix-vector product.
     """
-    chunk = chunk or CHUNK
     p = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    chunk = chunk or p.chunk()
     dec, H0, H1 = p.buffers(chunk, 3)
     yT = p.uT.new_empty(p.L, p.b, p.d)
     h = p.uT.new_zeros(p.b, p.n, p.d)
@@ -211,8 +271,8 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
     state in cache-sized buffers (recomputing the exp is cheaper here than storing and re-reading (L, b, n, d)
     tensors from memory), and the state gradient runs backwards: gh_t = C_t g_t + exp(delta_{t+1} A) gh_{t+1}.
     """
-    chunk = chunk or CHUNK
     p = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    chunk = chunk or p.chunk()
     L, b, n, d = p.L, p.b, p.n, p.d
     bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
     keep_all = b * d * L * n <= KEEP_STATES
@@ -252,6 +312,8 @@ def scan_chunked_backward(grad, u, delta, A, B, C, D=None, z=None, delta_bias=No
         else:
             dc, H, factor, e1 = p.terms(s, e, dec[:T], H0[:T])
             _run_chunk(dc, H, h0)
+        if factor is not None:
+            factor, e1 = p.dense_hold_terms(dc, factor, e1)
         gy = gT[s:e]  # (T, b, d)
         Gh = torch.mul(p.CT[s:e, :, :, None], gy[:, :, None, :], out=GH[:T])  # C_t g_t
         gh = Gh[T - 1].add_(carry)

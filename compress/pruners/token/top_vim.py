@@ -49,7 +49,7 @@ from compress.errors import CompressError
 from compress.models.vim import VisionMamba, layer_macs_per_token, vim_geometry
 from compress.pruners.base import Pruner, PrunerConfig
 from compress.registry import register_pruner
-from compress.tokens import solve_monotone
+from compress.tokens import solve_monotone, take_rows
 
 RELEASED_LAYERS = (10, 20)  # of 24
 DEFAULT_KEEP = 0.8
@@ -152,7 +152,8 @@ def gap_holds(index: torch.Tensor, cls: int, cls_orig: int, num_patches: int):
 
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    """Rows ``t[b, idx[b]]`` (B, K, C): one index_select (``compress.tokens.take_rows``)."""
+    return take_rows(t, idx)
 
 
 # ---- the patched model -------------------------------------------------------------------------------------------
