@@ -21,6 +21,16 @@ def _batch_sizes(text: str) -> List[int]:
     return sizes
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -71,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--recipe", type=Path, help="recipe file or bundled name: its prune stages zero-shot")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32])
-    b.add_argument("--repeats", type=_positive, default=10)
+    b.add_argument("--repeats", type=_positive, default=10, help="forwards per model and batch size, at least "
+                   "(spread over 5 interleaved rounds)")
+    b.add_argument("--round-seconds", type=_seconds, default=0.5, help="each model runs at least this long in every "
+                   "round (default 0.5; 0: --repeats alone)")
     b.add_argument("--data", metavar="KIND:ROOT", help="measure on val images of this dataset instead of random inputs "
                    "(for pruners whose cost depends on the image, e.g. dtop)")
     b.add_argument("--device", default="auto")
@@ -157,7 +170,7 @@ def cmd_bench(args) -> int:
 
     _check_json_target(args.json)
     results = commands.bench(args.checkpoint, args.recipe, args.overrides, args.batch_sizes, _device(args.device),
-                             args.repeats, data=args.data, onnx=args.onnx)
+                             args.repeats, data=args.data, onnx=args.onnx, round_seconds=args.round_seconds)
     print(commands.bench_table(results))
     if args.json:
         _write_json(args.json, results)

@@ -108,7 +108,8 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
 
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
-          device: str, repeats: int, data: Optional[str] = None, onnx: bool = False) -> Dict[str, Any]:
+          device: str, repeats: int, data: Optional[str] = None, onnx: bool = False,
+          round_seconds: float = 0.5) -> Dict[str, Any]:
     from compress.export import build_base, load
     from compress.tasks.base import Task
 
@@ -130,7 +131,7 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
     example = lambda bs: task.example(size, bs, device)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         runtimes = _onnx_runtimes({"dense": dense, "pruned": pruned}, example, Path(tmp), device) if onnx else None
-        results = compare(dense, pruned, example, batch_sizes, device, repeats, runtimes)
+        results = compare(dense, pruned, example, batch_sizes, device, repeats, runtimes, round_seconds)
     results["source"] = source
     if hasattr(task, "bench_details"):  # a task with more to say (per-expert rows of a routed diffusion export)
         results["details"] = task.bench_details(pruned, size, batch_sizes, device, repeats, results["dense"]["gmacs"])
@@ -188,7 +189,11 @@ def bench_table(r: Dict[str, Any]) -> str:
            + table(rows, cols))
     spread = ", ".join(f"@{bs}: {min(v):.2f}x-{max(v):.2f}x" for bs, v in r["ratios"].get("speedup_rounds", {}).items())
     if spread:
-        out += f"\nspeed-up in each of the interleaved rounds {spread}"
+        out += f"\nspeed-up in each of the interleaved rounds {spread} (the table: their median)"
+    dropped = {bs: s.get("dropped_rounds", 0) for bs, s in r["dense"]["speed"].items()}
+    if any(dropped.values()):
+        out += ("\nretaken rounds (other processes used the CPU meanwhile): "
+                + ", ".join(f"@{bs}: {n}" for bs, n in dropped.items() if n))
     if r.get("busy_cores_elsewhere") is not None and r["busy_cores_elsewhere"] > 0.5:
         out += f"\nwarning: other processes kept {r['busy_cores_elsewhere']:.1f} CPU cores busy; the speed ratios are unreliable"
     if (r.get("details") or {}).get("table"):

@@ -126,20 +126,63 @@ def pin_threads(threads: Optional[int] = None) -> int:
 def busy_cores_elsewhere(seconds: float = 0.5) -> Optional[float]:
     """CPU cores other processes keep busy, sampled from ``/proc/stat`` while this one sleeps (None where
     there is no ``/proc``). Timings taken beside a busy neighbour are not worth comparing."""
-    def sample():
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+    watch = CpuWatch()
+    if not watch.ok:
+        return None
+    time.sleep(seconds)
+    return watch.others()
 
+
+class CpuWatch:
+    """CPU cores that other processes used since this was made (``/proc/stat`` minus this process's own CPU
+    time, over the wall time): a round of timings during which a neighbour woke up is retaken, since a
+    thread pool that shares its cores with another process can run many times slower for that moment."""
+
+    def __init__(self):
+        self.ok = True
+        self.start = self._sample()
+
+    def _sample(self):
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            self.ok = False
+            return None
+        busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # all but idle + iowait
+        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
+
+    def others(self) -> Optional[float]:
+        now = self._sample() if self.ok else None
+        if now is None or self.start is None or now[2] <= self.start[2]:
+            return None
+        return max(0.0, ((now[0] - self.start[0]) - (now[1] - self.start[1])) / (now[2] - self.start[2]))
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks instead of handing them back to the OS after every forward.
+
+    By default large activations are mmap-ed and returned at free, so every forward page-faults its memory
+    in again; on the 2-core CPU measured (tools/results/token_pruners_deit_tiny.md) that cost about a quarter
+    of a batch-32 DeiT-Tiny forward and four times the index work of a token-pruning layer, which hid the
+    pruners' gain. Dense and pruned models are timed with the same setting. Returns whether it applied (not
+    glibc: nothing to do)."""
+    global _KEPT
+    if _KEPT is not None:
+        return _KEPT
+    _KEPT = False
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 == total0:
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        _KEPT = bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        pass
+    return _KEPT
+
+
+_KEPT: Optional[bool] = None
 
 
 def profile(
@@ -149,39 +192,87 @@ def profile(
     device: str = "cpu",
     warmup: int = 3,
     repeats: int = 10,
-    rounds: int = 3,
+    rounds: int = 5,
+    round_seconds: float = 0.0,
+    max_others: float = 0.25,
 ) -> Dict[str, Dict]:
-    """GMACs, params and speed for several models in one process, interleaving the timings so
-    that drift in machine speed hits all of them alike.
+    """GMACs, params and speed for several models in one process: the protocol every benchmark here uses.
 
-    ``example`` is an input shape (C, H, W) or a function ``batch_size -> inputs`` (a task's
-    ``example``). Each model is timed in ``rounds`` interleaved rounds; the per-round medians are kept
-    (``rounds_images_per_s``) so that reports can show how much a ratio moved between rounds."""
+    ``example`` is an input shape (C, H, W) (a seeded normal input) or a function ``batch_size -> inputs``
+    (a task's ``example``). Each batch size is timed in ``rounds`` interleaved rounds; in a round every model
+    runs at least ``repeats // rounds`` forwards and ``round_seconds`` (median kept), the models in an
+    order rotated every round, so drift in machine speed and the cache left by the previous model hit them all
+    alike. On the CPU, threads are pinned, freed memory is kept (``keep_freed_memory``) and a round during which
+    other processes used more than ``max_others`` cores is retaken (at most ``rounds`` times; counted in
+    ``dropped_rounds``). Speed-ups are best read as the median of the per-round ratios
+    (``rounds_images_per_s``; ``report.compare`` does), with their spread."""
     from compress.progress import track
 
     dev = torch.device(device)
     pin_threads()
-    make = example if callable(example) else (lambda bs: torch.randn(bs, *example, device=dev))
+    if dev.type == "cpu":
+        keep_freed_memory()
+    if callable(example):
+        make = example
+    else:
+        gen = torch.Generator().manual_seed(0)
+        make = lambda bs: torch.randn(bs, *example, generator=gen).to(dev)  # noqa: E731
     out: Dict[str, Dict] = {}
     for name, model in models.items():
         model.to(dev).eval()
         out[name] = {"gmacs": count_gmacs(model, make(1)), "params": count_params(model), "speed": {}}
-    steps = [(bs, r) for bs in batch_sizes for r in range(rounds)]
+    names = list(models)
     per_round = max(1, repeats // rounds)
     runs: Dict[str, Dict[int, list]] = {name: {} for name in models}
     inputs: Dict[int, Any] = {}
-    for bs, _ in track(steps, "benchmark", unit="rounds"):
+    dropped = {bs: 0 for bs in batch_sizes}
+    for bs in batch_sizes:
         x = inputs.setdefault(bs, make(bs))
-        for name, model in models.items():  # interleave dense / pruned repeats
-            runs[name].setdefault(bs, []).append(time_forward(model, x, warmup, per_round))
+        for name in names:  # warm-up outside the rounds: first-call allocations, lazy inits
+            time_forward(models[name], x, warmup, 0)
+    steps = [(bs, r) for bs in batch_sizes for r in range(rounds)]
+    for bs, r in track(steps, "benchmark", unit="rounds"):
+        x = inputs[bs]
+        for attempt in range(rounds + 1):
+            watch = CpuWatch() if dev.type == "cpu" else None
+            order = names[r % len(names):] + names[: r % len(names)]
+            row = {name: _timed_round(models[name], x, per_round, round_seconds) for name in order}
+            others = watch.others() if watch is not None else None
+            if others is None or others <= max_others or attempt == rounds:
+                break
+            dropped[bs] += 1
+        for name in names:
+            runs[name].setdefault(bs, []).append(row[name])
     for name in models:
         for bs in batch_sizes:
-            times = [t for rnd in runs[name][bs] for t in rnd]
-            med = statistics.median(times)
+            med = statistics.median(runs[name][bs])
             out[name]["speed"][str(bs)] = {
                 "images_per_s": bs / med,
                 "latency_ms": med * 1e3,
                 "peak_memory_mb": peak_memory_mb(models[name], inputs[bs]),
-                "rounds_images_per_s": [bs / statistics.median(rnd) for rnd in runs[name][bs]],
+                "rounds_images_per_s": [bs / t for t in runs[name][bs]],
+                "dropped_rounds": dropped[bs],
             }
     return out
+
+
+def round_ratios(model: Dict, baseline: Dict) -> Dict[str, list]:
+    """Per batch size, ``model``'s images/s over ``baseline``'s in each interleaved round of ``profile``."""
+    return {bs: [m / b for m, b in zip(model["speed"][bs]["rounds_images_per_s"], baseline["speed"][bs]["rounds_images_per_s"])]
+            for bs in baseline["speed"]}
+
+
+def _timed_round(model: nn.Module, x: Any, repeats: int, seconds: float) -> float:
+    """Median seconds per forward over at least ``repeats`` forwards and ``seconds`` of wall time."""
+    model.eval()
+    dev = _device_of(x)
+    times: list = []
+    end = time.perf_counter() + seconds
+    with torch.inference_mode():
+        while len(times) < repeats or time.perf_counter() < end:
+            _sync(dev)
+            t0 = time.perf_counter()
+            run(model, x)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
@@ -10,7 +11,7 @@ from compress import files, measure
 
 
 def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), device: str = "cpu",
-            repeats: int = 10, runtimes: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Any]:
+            repeats: int = 10, runtimes: Optional[Dict[str, nn.Module]] = None, round_seconds: float = 0.0) -> Dict[str, Any]:
     """Dense vs pruned in one process; ``example`` is an input shape or ``batch_size -> inputs`` (see
     ``Task.example``). ``runtimes`` are other runners of the same models (e.g. onnxruntime sessions, named
     "dense (onnxruntime)"), timed in the same interleaved rounds and reported beside them."""
@@ -22,22 +23,22 @@ def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), dev
             "benchmark: other processes keep %.1f CPU cores busy; speed ratios on a loaded machine vary a lot "
             "(see the spread of the rounds): rerun on an idle machine", busy)
     prof = measure.profile({"dense": dense, "pruned": pruned, **(runtimes or {})}, example, batch_sizes,
-                           device=device, repeats=repeats)
+                           device=device, repeats=repeats, round_seconds=round_seconds)
     d, p = prof["dense"], prof["pruned"]
+    # the speed-up of each interleaved round alone (how far one run's ratio can be trusted), and their median
+    rounds = measure.round_ratios(p, d)
     ratios = {
         "gmacs": p["gmacs"] / d["gmacs"],
         "params": p["params"] / d["params"],
-        "speedup": {bs: p["speed"][bs]["images_per_s"] / d["speed"][bs]["images_per_s"] for bs in d["speed"]},
-        # the speed-up of each interleaved round alone: how far one run's ratio can be trusted
-        "speedup_rounds": {bs: [pr / dr for pr, dr in zip(p["speed"][bs]["rounds_images_per_s"],
-                                                          d["speed"][bs]["rounds_images_per_s"])] for bs in d["speed"]},
+        "speedup": {bs: statistics.median(v) for bs, v in rounds.items()},
+        "speedup_rounds": rounds,
     }
     out = {"dense": d, "pruned": p, "ratios": ratios, "device": device, "threads": measure.pin_threads(),
            "busy_cores_elsewhere": busy}
     if runtimes:  # their speed vs the eager dense model; GMACs and parameters are the eager models' own
         out["runtimes"] = {name: {"speed": prof[name]["speed"],
-                                  "speedup_vs_dense": {bs: prof[name]["speed"][bs]["images_per_s"] / d["speed"][bs]["images_per_s"]
-                                                       for bs in d["speed"]}} for name in runtimes}
+                                  "speedup_vs_dense": {bs: statistics.median(v) for bs, v in measure.round_ratios(prof[name], d).items()}}
+                           for name in runtimes}
     return out
 
 

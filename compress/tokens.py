@@ -242,6 +242,14 @@ def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * N, *x.shape[2:]).index_select(0, _flat_rows(idx, N)).view(B, idx.shape[1], *x.shape[2:])
 
 
+def take_cols(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, idx[b]]`` for every image: ``x`` is B x R x N, ``idx`` B x K -> B x R x K (e.g. a token graph's
+    or a score matrix's columns). One ``index_select`` at batch 1 (see ``take_rows``), a gather otherwise."""
+    if _one_image(x):
+        return x.index_select(2, idx[0])
+    return x.gather(2, idx.unsqueeze(1).expand(-1, x.shape[1], -1))
+
+
 def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` (B x N x ...) with ``src[b, k]`` added to row ``idx[b, k]`` (repeats add up): the
     row-wise ``scatter_add`` as one ``index_add`` (see ``take_rows``)."""

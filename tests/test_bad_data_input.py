@@ -98,7 +98,7 @@ def edit_weights(edit: Callable[[bytes], bytes]):
 
 
 def bench(export: Path) -> List[str]:
-    return ["bench", "--checkpoint", str(export), "--batch-sizes", "1", "--repeats", "1", "--device", "cpu"]
+    return ["bench", "--round-seconds", "0", "--checkpoint", str(export), "--batch-sizes", "1", "--repeats", "1", "--device", "cpu"]
 
 
 def evaluate(export: Path, data: str) -> List[str]:

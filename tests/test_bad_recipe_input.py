@@ -208,7 +208,7 @@ def test_bench_by_bare_name_writes_json_atomically(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench.json"
     out.write_text("old")
-    assert main(["bench", "--recipe", "quickstart", "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
+    assert main(["bench", "--round-seconds", "0", "--recipe", "quickstart", "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
                  "--json", str(out)]) == 0
     assert json.loads(out.read_text())["source"] == "quickstart"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temporary file left

@@ -160,7 +160,7 @@ def test_bench_on_a_recipe_applies_every_pruner_decision(tmp_path, pruner, param
     import json
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--recipe", str(QUICKSTART), "--set", f"stages.1.pruner={pruner}", "--batch-sizes", "4",
+    assert main(["bench", "--round-seconds", "0", "--recipe", str(QUICKSTART), "--set", f"stages.1.pruner={pruner}", "--batch-sizes", "4",
                  "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
     ratios = json.loads(out.read_text())["ratios"]
     assert ratios["gmacs"] < 0.7

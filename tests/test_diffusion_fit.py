@@ -50,7 +50,7 @@ def test_eval_and_bench_on_the_export(run, capsys, tmp_path):
     assert main(["eval", "--checkpoint", str(export), "--data", f"prompts:{root}", "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["task"] == "diffusion" and result["images"] == 6 and result["fid"] > 0
-    assert main(["bench", "--checkpoint", str(export), "--batch-sizes", "2", "--repeats", "2"]) == 0
+    assert main(["bench", "--round-seconds", "0", "--checkpoint", str(export), "--batch-sizes", "2", "--repeats", "2"]) == 0
     shown = capsys.readouterr().out
     assert "| expert | GMACs |" in shown and "prompt-weighted average GMACs" in shown
 

@@ -205,7 +205,7 @@ def test_eval_and_bench_print_segmentation_metrics(segmenter_run, capsys, tmp_pa
         assert title in shown
     r = json.loads((tmp_path / "e.json").read_text())
     assert r["images"] == 2 and r["timing_batch"] == 2 and r["gmacs"] > 0
-    assert main(["bench", "--checkpoint", str(run / "export"), "--batch-sizes", "1", "--repeats", "2"]) == 0
+    assert main(["bench", "--round-seconds", "0", "--checkpoint", str(run / "export"), "--batch-sizes", "1", "--repeats", "2"]) == 0
     assert "pruned / dense" in capsys.readouterr().out
 
 
@@ -226,11 +226,11 @@ def test_dtop_fit_from_a_segmenter_export_and_load_gives_the_same_masks(segmente
     assert metrics["pruned"]["exit_fraction"] > 0 and "exit_fraction" not in metrics["dense"]
     assert metrics["pruned"]["gmacs"] < metrics["dense"]["gmacs"]
     # bench on real val images: the pruned model exits tokens there, so it executes fewer GMACs than dense
-    assert main(["bench", "--checkpoint", str(dtop_run / "export"), "--data", f"camvid:{root}", "--batch-sizes", "1",
+    assert main(["bench", "--round-seconds", "0", "--checkpoint", str(dtop_run / "export"), "--data", f"camvid:{root}", "--batch-sizes", "1",
                  "--repeats", "2", "--json", str(tmp_path / "b.json")]) == 0
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["input_size"] == [3, 360, 480] and bench["ratios"]["gmacs"] < 1
-    assert main(["bench", "--checkpoint", str(dtop_run / "export"), "--data", "quickstart:"]) == 2
+    assert main(["bench", "--round-seconds", "0", "--checkpoint", str(dtop_run / "export"), "--data", "quickstart:"]) == 2
     assert "--data: quickstart is a classification dataset but the model is a segmentation model" in capsys.readouterr().err
     model = compress.load(dtop_run / "export")
     assert model.token_pruner() is not None

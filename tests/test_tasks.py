@@ -99,7 +99,7 @@ def test_eval_and_bench_use_the_export_task(run, capsys, tmp_path):
     ds = BrightnessData(None).dataset("val", model)
     x, y = ds.tensors
     assert result["mae"] == pytest.approx((model(x).squeeze(-1) - y).abs().mean().item(), rel=1e-5)
-    assert main(["bench", "--checkpoint", str(export), "--batch-sizes", "2", "--repeats", "3"]) == 0
+    assert main(["bench", "--round-seconds", "0", "--checkpoint", str(export), "--batch-sizes", "2", "--repeats", "3"]) == 0
     assert "pruned / dense" in capsys.readouterr().out
 
 

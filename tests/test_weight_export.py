@@ -77,7 +77,7 @@ def test_bench_reports_nonzero_params_file_size_and_the_speed_note(tmp_path, cap
     pruner.attach(m)
     out = save(m, tmp_path / "pruned", model_spec(*SPEC), [pruner], [pruner.finalize(m)], input_size=(3, 32, 32))
     json_path = tmp_path / "bench.json"
-    assert main(["bench", "--checkpoint", str(out), "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
+    assert main(["bench", "--round-seconds", "0", "--checkpoint", str(out), "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
                  "--json", str(json_path)]) == 0
     text = capsys.readouterr().out
     assert "nonzero params" in text and "MiB" in text and "not dense-kernel time" in text

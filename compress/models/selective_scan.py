@@ -361,7 +361,7 @@ def scan_by_expansion(scan, u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     """A held scan through a scan that has no ``hold``: each token repeated ``hold`` (integer) times, ``scan`` over
     the expanded sequence, the output read at each token's last copy. Rows may expand to different lengths; the
     shorter ones are padded at the end with their last token, which is causal and read by nobody."""
-    counts = hold.round().long().clamp(min=1)
+    counts = hold.round().long().clamp(min=0)  # 0: a step that is skipped (``scan``'s hold_from='previous')
     ends = counts.cumsum(1)  # (B, L): one past each token's last copy
     b, d, L = u.shape
     positions = torch.arange(int(ends[:, -1].max()), device=u.device).expand(b, -1).contiguous()
@@ -402,8 +402,36 @@ def as_plain_ops():
 deploy.register_plain_ops(as_plain_ops)
 
 
-def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None) -> torch.Tensor:
-    """What models call: the op ``selective_scan``, or its plain PyTorch ops inside ``as_plain_ops``."""
+def _twice(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(b, c, K) -> (b, c, 2K), every step twice in a row (copied token-major: rows stay contiguous)."""
+    if t is None:
+        return None
+    b, c, K = t.shape
+    return t.transpose(1, 2).unsqueeze(2).expand(b, K, 2, c).reshape(b, 2 * K, c).transpose(1, 2)
+
+
+def scan_hold_previous(scan_fn, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
+    """The scan in which token t is followed by ``hold[t] - 1`` copies of itself whose outputs nobody reads: its
+    output is read at its own step and its state is carried across the copies (ToP-ViM alignment 'previous': a
+    pruned gap takes the state of the kept token before it). Exactly: each token is two steps, [t with hold 1 (read
+    here), t with hold s_t - 1 (carries the gap; hold 0 is the identity step)], through ``scan_fn``'s hold, and the
+    first step of each pair is read. Twice the scan's length (its projections are not repeated)."""
+    b, _, K = u.shape
+    pairs = torch.stack([torch.ones_like(hold), hold - 1], dim=-1).reshape(b, 2 * K)
+    y = scan_fn(_twice(u), _twice(delta), A, _twice(B), _twice(C), D, _twice(z), delta_bias, delta_softplus, pairs)
+    return y[..., 0::2]
+
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
+         hold_from: str = "next") -> torch.Tensor:
+    """What models call: the op ``selective_scan``, or its plain PyTorch ops inside ``as_plain_ops``.
+
+    ``hold_from``: 'next' (the op's ``hold``: token t stands for the pruned gap *before* it, read at its last copy) or
+    'previous' (token t carries the gap *after* it, read at its own step: ``scan_hold_previous``)."""
+    if hold is not None and hold_from == "previous":
+        return scan_hold_previous(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    if hold_from not in ("next", "previous"):
+        raise ValueError(f"scan: hold_from must be 'next' or 'previous', got {hold_from!r}")
     if _AS_PLAIN_OPS.get():
         return scan_as_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)

@@ -146,7 +146,8 @@ class BiMamba(nn.Module):
             setattr(self, "A_log" if suffix == "" else "A_b_log", A_log)
             setattr(self, "D" + suffix, D)
 
-    def _direction(self, xz: torch.Tensor, suffix: str, hold: Optional[torch.Tensor]) -> torch.Tensor:
+    def _direction(self, xz: torch.Tensor, suffix: str, hold: Optional[torch.Tensor], hold_from: str = "next"
+                   ) -> torch.Tensor:
         """One scan direction on token-major xz (B, L, 2 d_inner); its gated output (B, d_inner, L)."""
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
@@ -158,16 +159,18 @@ class BiMamba(nn.Module):
         A = -torch.exp(A_log.float())
         # the scan takes (B, C, L): transposed views of token-major rows (it reads them time-major, a cheap copy)
         return scan(x.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), D.float(),
-                    z.transpose(1, 2), dt_proj.bias.float(), True, None if hold is None else hold.contiguous())
+                    z.transpose(1, 2), dt_proj.bias.float(), True, None if hold is None else hold.contiguous(),
+                    hold_from=hold_from)
 
     def forward(self, hidden: torch.Tensor, hold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                return_scan: bool = False):
+                return_scan: bool = False, hold_from: str = "next"):
         """(B, L, d_model) -> (B, L, d_model); with ``return_scan`` also both directions' gated scan outputs
-        (B, d_inner, L), in sequence order."""
+        (B, d_inner, L), in sequence order. ``hold_from``: see ``selective_scan.scan`` ('previous': each direction's
+        token t carries hold_t - 1 steps after it instead of standing for the hold_t - 1 before it)."""
         xz = self.in_proj(hidden)  # (B, L, 2 d_inner)
         fwd_hold, bwd_hold = hold if hold is not None else (None, None)
-        y_f = self._direction(xz, "", fwd_hold)
-        y_b = self._direction(xz.flip(1), "_b", None if bwd_hold is None else bwd_hold.flip(-1)).flip(-1)
+        y_f = self._direction(xz, "", fwd_hold, hold_from)
+        y_b = self._direction(xz.flip(1), "_b", None if bwd_hold is None else bwd_hold.flip(-1), hold_from).flip(-1)
         y = y_f + y_b
         if self.divide_out:
             y = y / 2

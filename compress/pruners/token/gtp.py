@@ -89,13 +89,11 @@ def propagate(
     Returns the kept tokens plus alpha * Â[kept, prop] @ X_prop, the graph Â[kept, kept] and the
     sizes propagated likewise (if given). ``keep``/``prop`` are B x K / B x P indices among patches.
     """
-    B, M, C = x_patch.shape
-    rows = graph.gather(1, keep.unsqueeze(-1).expand(B, keep.shape[1], M))  # B x K x M
-    w = rows.gather(2, prop.unsqueeze(1).expand(B, keep.shape[1], prop.shape[1]))  # B x K x P
-    new_graph = rows.gather(2, keep.unsqueeze(1).expand(B, keep.shape[1], keep.shape[1]))
-    x_kept = x_patch.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))
-    x_prop = x_patch.gather(1, prop.unsqueeze(-1).expand(-1, -1, C))
-    x_kept = x_kept + alpha * (w.to(x_patch.dtype) @ x_prop)
+    rows = tokens.take_rows(graph, keep)  # B x K x M
+    w = tokens.take_cols(rows, prop)  # B x K x P
+    new_graph = tokens.take_cols(rows, keep)
+    x_kept = tokens.take_rows(x_patch, keep)
+    x_kept = x_kept + alpha * (w.to(x_patch.dtype) @ tokens.take_rows(x_patch, prop))
     size = None
     if size_patch is not None:
         size = size_patch.gather(1, keep) + alpha * (w.to(size_patch.dtype) @ size_patch.gather(1, prop).unsqueeze(-1)).squeeze(-1)
@@ -194,11 +192,21 @@ class GTP(TokenPruner):
                 if side * side != M:
                     raise CompressError(f"gtp: cannot lay {M} patch tokens on a grid for the spatial graph")
                 grid = (side, side)
+            if kind == "spatial":  # the same for every image and forward: normalised once per grid and device
+                return self._spatial(grid, x_patch.device).expand(B, M, M)
             g = spatial_graph(grid, x_patch.device).unsqueeze(0).expand(B, M, M)
-        if kind in ("semantic", "mixed"):
-            sem = semantic_graph(x_patch, self.config.num_neighbours)
-            g = sem if g is None else torch.maximum(g, sem)
-        return normalise_graph(g)
+        sem = semantic_graph(x_patch, self.config.num_neighbours)
+        return normalise_graph(sem if g is None else torch.maximum(g, sem))
+
+    def _spatial(self, grid: Tuple[int, int], device) -> torch.Tensor:
+        """The normalised spatial graph, kept between forwards in eager mode (a traced graph builds it)."""
+        if torch.compiler.is_compiling():
+            return normalise_graph(spatial_graph(grid, device))
+        cache = self.__dict__.setdefault("_spatial_graphs", {})
+        key = (grid, str(device))
+        if key not in cache:
+            cache[key] = normalise_graph(spatial_graph(grid, device))
+        return cache[key]
 
     def begin(self, x, state) -> None:
         if self.config.token_scale:

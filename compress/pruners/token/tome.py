@@ -154,6 +154,6 @@ class ToMe(TokenPruner):
         r = self.rs[layer]
         if r <= 0:
             return x
-        metric = info.k.mean(dim=1)  # B x N x head_dim
+        metric = info.k.sum(dim=1)  # B x N x head_dim: the heads' mean up to a scale the cosine ignores
         x, state.size, state.index = bipartite_merge(x, metric, state.size, state.index, r, state.num_prefix)
         return x

@@ -49,11 +49,12 @@ def weighted_pagerank(attn: torch.Tensor, iters: int, init: torch.Tensor, alive:
         inv_mass = 1.0 / torch.bmm(mats, alive.transpose(1, 2)).transpose(1, 2).clamp_min(1e-12)
         s = s * alive
     # one pass gains nothing from cache-sized chunks: then the whole batch is a single call; so does a traced
-    # graph (torch.export, torch.compile), where a Python loop over the batch would fix the batch size
-    if iters <= 1 or torch.compiler.is_compiling():
+    # graph (torch.export, torch.compile), where a Python loop over the batch would fix the batch size, and a
+    # batch that fits one chunk
+    chunk = max(1, (1 << 20) // (n * n * attn.element_size()))
+    if iters <= 1 or torch.compiler.is_compiling() or mats.shape[0] <= chunk:
         return _power_iterations(mats, s, iters, alive, inv_mass if alive is not None else None).reshape(*lead, n)
     out = torch.empty_like(s)
-    chunk = max(1, (1 << 20) // (n * n * attn.element_size()))
     for i in range(0, mats.shape[0], chunk):
         part = slice(i, i + chunk)
         out[part] = _power_iterations(mats[part], s[part], iters, None if alive is None else alive[part],
@@ -84,12 +85,23 @@ def _power_iterations(a: torch.Tensor, v: torch.Tensor, iters: int, live: Option
 def initial_scores(shape: Tuple[int, ...], n: int, cls_init: str, device, dtype, alive: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Uniform start; with ``sqrt_n`` the CLS token (index 0) starts sqrt(N) times higher, N being
     the number of (alive) tokens."""
+    if alive is None:
+        return start_scores(n, n, cls_init, device, dtype).expand(*shape, n)
     s = torch.ones(*shape, n, device=device, dtype=dtype)
-    if alive is not None:
-        s = s * alive.to(dtype)
+    s = s * alive.to(dtype)
     if cls_init == "sqrt_n":
         s[..., 0] = s.sum(-1).sqrt()
     return s / s.sum(-1, keepdim=True)
+
+
+def start_scores(n: int, alive: int, cls_init: str, device, dtype) -> torch.Tensor:
+    """``initial_scores`` of one image (N) with ``alive`` tokens, CLS among them, as one vector: multiplied by a
+    0/1 alive mask it is the start on the alive subgraph (three ops at batch 1 instead of eight)."""
+    cls = math.sqrt(alive) if cls_init == "sqrt_n" else 1.0
+    s = torch.full((n,), 1.0 / (alive - 1 + cls), device=device, dtype=dtype)
+    if cls != 1.0:
+        s[0] = cls / (alive - 1 + cls)
+    return s
 
 
 def aggregate_heads(scores: torch.Tensor, band: Tuple[float, float]) -> torch.Tensor:
@@ -101,9 +113,11 @@ def aggregate_heads(scores: torch.Tensor, band: Tuple[float, float]) -> torch.Te
     m = scores.shape[-1]
     rescaled = scores * (m / scores.sum(-1, keepdim=True).clamp_min(1e-12))
     var = rescaled.var(-1, unbiased=False)
-    keep = ((var >= band[0]) & (var <= band[1])).to(scores.dtype)
-    keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))
-    return ((keep.unsqueeze(-1) * rescaled.square()).sum(1) / keep.sum(1, keepdim=True)).sqrt()
+    keep = (var >= band[0]) & (var <= band[1])
+    keep = keep | ~keep.any(1, keepdim=True)
+    # the mean of the kept heads' squares as one (B x 1 x H) @ (B x H x M) product (few ops: at batch 1 each
+    # costs more than its arithmetic)
+    return ((keep / keep.sum(1, keepdim=True)).unsqueeze(1) @ rescaled.square()).squeeze(1).sqrt()
 
 
 def similarity_pairs(keys: torch.Tensor, importance: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +127,8 @@ def similarity_pairs(keys: torch.Tensor, importance: torch.Tensor, r: int) -> Tu
     order = importance.argsort(dim=1, descending=True)
     half = (M + 1) // 2
     top, low = order[:, :half], order[:, half:]
-    rows = torch.arange(B, device=keys.device).unsqueeze(1)
-    norm = keys.norm(dim=-1).clamp_min(1e-12)
-    cosine = (keys[rows, low] @ keys[rows, top].transpose(1, 2)) / (norm[rows, low].unsqueeze(-1) * norm[rows, top].unsqueeze(1))
-    best, partner = cosine.max(-1)
+    unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    best, partner = (tokens.take_rows(unit, low) @ tokens.take_rows(unit, top).transpose(1, 2)).max(-1)  # cosine
     pick = best.topk(min(r, M - half), dim=1).indices
     return low.gather(1, pick), top.gather(1, partner.gather(1, pick))
 
@@ -128,13 +140,11 @@ def merge_into(x: torch.Tensor, size: torch.Tensor, victims: torch.Tensor, partn
     Only the partners' rows change, by x_p += sum_v s_v (x_v - x_p) / S_p (S_p: the merged size),
     which is the weighted mean without reweighting the whole tensor.
     """
-    B, M, C = x.shape
-    offset = (torch.arange(B, device=x.device) * M).unsqueeze(1)
-    flat_v, flat_p = (victims + offset).reshape(-1), (partners + offset).reshape(-1)
-    flat_x, flat_s = x.reshape(B * M, C), size.reshape(-1)
-    merged = flat_s.index_add(0, flat_p, flat_s[flat_v])
-    delta = (flat_x[flat_v] - flat_x[flat_p]) * (flat_s[flat_v] / merged[flat_p]).to(x.dtype).unsqueeze(-1)
-    return flat_x.index_add(0, flat_p, delta).view(B, M, C), merged.view(B, M)
+    s_victim = size.gather(1, victims)
+    merged = size.scatter_add(1, partners, s_victim)
+    weight = (s_victim / merged.gather(1, partners)).to(x.dtype).unsqueeze(-1)
+    delta = (tokens.take_rows(x, victims) - tokens.take_rows(x, partners)) * weight
+    return tokens.add_rows(x, partners, delta), merged
 
 
 def _complement(m: int, drop: torch.Tensor) -> torch.Tensor:
@@ -413,30 +423,30 @@ class ZeroTPrune(TokenPruner):
         r_s, r_i = self._removals(m, step)
         if r_s + r_i == 0:
             return x
-        band = tuple(self.config.head_band)
-        remaining = torch.arange(m, device=x.device).unsqueeze(0).expand(B, m)
+        band, cls_init = tuple(self.config.head_band), self.config.cls_init
+        alive = None  # every token; after the S-stage a 0/1 mask of its survivors (B x 1 x N, the same for every head)
         if r_s:
             # I': a single voting pass only orders the tokens for the partition.
-            init = initial_scores((B, H), N, self.config.cls_init, attn.device, attn.dtype)
+            init = start_scores(N, N, cls_init, attn.device, attn.dtype)
             pre = aggregate_heads(weighted_pagerank(attn, 1, init)[..., P:], band)
-            keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float().contiguous()  # a strided view of qkv otherwise
+            keys = info.k[:, :, P:].transpose(1, 2).reshape(B, m, -1).float()  # a strided view of qkv otherwise
             victims, partners = similarity_pairs(keys, pre, r_s)
             if self.config.merge:
                 if state.size is None:  # sizes start at the first merge: the blocks before keep plain SDPA
                     state.size = torch.ones(B, N, device=x.device, dtype=torch.float32)
-                patches, size = merge_into(x[:, P:], state.size[:, P:], victims, partners)
-                x = torch.cat([x[:, :P], patches], dim=1)
-                state.size = torch.cat([state.size[:, :P], size], dim=1)
+                x, state.size = merge_into(x, state.size, victims + P, partners + P)
             remaining = _complement(m, victims)
+            if r_i:
+                alive = torch.ones(B, 1, N, device=x.device, dtype=attn.dtype).scatter(2, victims.unsqueeze(1) + P, 0.0)
+        else:
+            remaining = torch.arange(m, device=x.device).expand(B, m)
         if r_i:
             # I: Weighted PageRank on the graph of the tokens that survived S.
-            alive = torch.zeros(B, N, device=x.device, dtype=attn.dtype)
-            alive[:, :P] = 1
-            alive.scatter_(1, remaining + P, 1.0)
-            alive = alive.unsqueeze(1)  # same subgraph for every head
-            init = initial_scores((B, H), N, self.config.cls_init, attn.device, attn.dtype, alive)
+            init = start_scores(N, N - r_s, cls_init, attn.device, attn.dtype)
+            if alive is not None:
+                init = alive * init
             wpr = weighted_pagerank(attn, self.iters[layer], init, alive)[..., P:]
-            scores = aggregate_heads(wpr.gather(2, remaining.unsqueeze(1).expand(B, H, -1)), band)
+            scores = aggregate_heads(tokens.take_cols(wpr, remaining), band)
             top = scores.topk(remaining.shape[1] - r_i, dim=1).indices
             remaining = remaining.gather(1, top)
         return tokens.keep_tokens(x, state, remaining)
