@@ -14,10 +14,10 @@ from compress.errors import CompressError
 from compress.export import save
 from compress.measure import count_gmacs
 from compress.models.build import model_spec
-from compress.models.selective_scan import scan_reference, selective_scan
+from compress.models.selective_scan import scan, scan_reference, selective_scan
 from compress.models.vim import VisionMamba
 from compress.pruners.base import build_pruner
-from compress.pruners.token.top_vim import TopVimVisionMamba, default_layers, gap_holds, select
+from compress.pruners.token.top_vim import TopVimVisionMamba, default_layers, gap_holds, importance, select
 from compress.registry import MODELS
 from conftest import only_run
 
@@ -89,6 +89,53 @@ def test_alignment_is_the_scan_that_holds_each_kept_token_over_its_gap():
         assert (selective_scan(*args) - ref).norm() > 0.05 * ref.norm()
 
 
+def _previous_reference(u, raw, A, B, C, D, z, bias, kept):
+    """Full-length scan from the first kept position whose pruned positions hold the *previous* kept token (its u,
+    delta, B, C, z), outputs at the kept ones."""
+    L = u.shape[-1]
+    pos = torch.arange(int(kept[0]), L)
+    prev = torch.searchsorted(kept, pos, right=True) - 1
+    held = lambda t: t[..., kept][..., prev]  # noqa: E731
+    delta = F.softplus(raw + bias[None, :, None])
+    out = scan_reference(held(u), held(delta), A, held(B), held(C), D, held(z), None, False)
+    return out[..., kept - kept[0]]
+
+
+def test_previous_alignment_carries_the_state_of_the_token_before_each_gap():
+    """align 'previous': the aligned scan over the kept tokens equals the full-length scan whose pruned positions are
+    copies of the kept token before them (read at the kept positions), at small and large steps; with the scan op's
+    written-out backward, gradients match autograd through that reference."""
+    g = torch.Generator().manual_seed(1)
+    b, d, n, L = 2, 3, 4, 13
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u, raw, B, C, z = r(b, d, L), r(b, d, L), r(b, n, L), r(b, n, L), r(b, d, L)
+    A, D, bias = -torch.rand(d, n, generator=g, dtype=torch.float64) * 3, r(d), r(d)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    after = (torch.cat([kept[1:], torch.tensor([L])]) - kept).double().expand(b, -1).contiguous()  # 1 + gap after
+    for step in (0.01, 1.0):
+        ref = _previous_reference(u, raw, A, B, C, D, z, bias + math.log(step), kept)
+        args = (u[..., kept], raw[..., kept], A, B[..., kept], C[..., kept], D, z[..., kept], bias + math.log(step),
+                True)
+        got = scan(*args, after, hold_from="previous")
+        assert torch.allclose(got, ref, atol=1e-12)
+        assert not torch.allclose(scan(*args, after), ref, atol=1e-3)  # 'next' is another scan
+    leaves = [t.clone().requires_grad_() for t in (u, raw, A, B, C, D, z, bias)]
+    gout = r(b, d, len(kept))
+    ref = torch.autograd.grad(_previous_reference(*leaves, kept), leaves, gout)
+    l2 = [t[..., kept] if t.dim() == 3 else t for t in leaves]
+    got = torch.autograd.grad(scan(*l2[:7], l2[7], True, after, hold_from="previous"), leaves, gout)
+    for rr, gg in zip(ref, got):
+        assert torch.allclose(rr, gg, atol=1e-10)
+
+
+def test_clipping_the_mean_of_the_directions_differs_from_clipping_each():
+    y_f = torch.tensor([[[1.0, -2.0], [3.0, 1.0]]])
+    y_b = torch.tensor([[[-3.0, 4.0], [1.0, -1.0]]])
+    assert importance(y_f, y_b, "each").tolist() == [[2.5, 2.5]] == importance(y_f, y_b, True).tolist()
+    assert importance(y_f, y_b, "mean").tolist() == [[2.0, 1.0]]
+    assert importance(y_f, y_b, False).tolist() == [[1.0, 1.0]]
+
+
 def test_default_schedule_is_the_released_one():
     assert default_layers(24) == [10, 20]
     assert default_layers(4) == [2, 3] and default_layers(12) == [5, 10]
@@ -154,21 +201,26 @@ def test_gmacs_fall_as_planned():
 def test_alignment_and_random_dropping_change_the_output_but_not_the_token_counts():
     x = images()
     outs, counts = {}, {}
-    for label, params in {"aligned": {}, "naive": {"align": False}, "random": {"mode": "random"}}.items():
+    for label, params in {"aligned": {}, "naive": {"align": False}, "random": {"mode": "random"},
+                          "previous": {"align": "previous"}, "mean clip": {"clip": "mean"}}.items():
         m = vim()
         p = attach(m, keep_ratio=0.5, prune_layers=[1, 2], **params)
         torch.manual_seed(0)
         with torch.no_grad():
             outs[label] = m(x)
         counts[label] = p.trace.counts
-    assert counts["aligned"] == counts["naive"] == counts["random"] == [65, 33, 17, 17]
+    assert counts["aligned"] == counts["naive"] == counts["random"] == counts["previous"] == [65, 33, 17, 17]
     assert not torch.allclose(outs["aligned"], outs["naive"], atol=1e-5)
+    assert not torch.allclose(outs["aligned"], outs["previous"], atol=1e-5)
+    assert not torch.allclose(outs["previous"], outs["naive"], atol=1e-5)
+    assert not torch.allclose(outs["aligned"], outs["mean clip"], atol=1e-5)
     assert not torch.allclose(outs["aligned"], outs["random"], atol=1e-5)
 
 
-def test_training_through_the_pruned_model_reaches_the_weights():
+@pytest.mark.parametrize("align", [True, "previous"])
+def test_training_through_the_pruned_model_reaches_the_weights(align):
     m = vim().train()
-    attach(m, keep_ratio=0.5, prune_layers=[1])
+    attach(m, keep_ratio=0.5, prune_layers=[1], align=align)
     F.cross_entropy(m(images(4)), torch.tensor([0, 1, 2, 3])).backward()
     assert m.layers[3].mixer.A_b_log.grad.abs().sum() > 0 and m.pos_embed.grad.abs().sum() > 0
 
@@ -209,6 +261,8 @@ def test_export_and_load_replay_the_pruner(tmp_path):
     ({"keep_ratio": 1.5}, r"stages\[0\]\.pruner\.keep_ratio"),
     ({"keep_ratio": 0.5, "target_gmacs_ratio": 0.5}, "only one of"),
     ({"prune_layers": [0]}, "1-based"),
+    ({"align": "before"}, r"stages\[0\]\.pruner\.align"),
+    ({"clip": "max"}, r"stages\[0\]\.pruner\.clip"),
     ({"keep": 0.5}, "unknown key"),
 ])
 def test_bad_configs_name_the_key(params, match):

@@ -112,42 +112,82 @@ def _decay_only(u, delta, A, B, C, D, z, delta_bias, softplus, hold):
     return ((y + u * D[None, :, None]) * F.silu(z)).to(u.dtype)
 
 
-FORMS = {"naive (no alignment)": None, "exact hold (implemented)": selective_scan,
-         "stretched step (Euler)": _stretched_step, "decay only (gap adds no input)": _decay_only}
+# (label, top_vim parameters, scan form replacing the held scan, or None)
+FORMS = [("naive (no alignment)", {"align": False}, None),
+         ("next: hold after the gap (exact, 'align: next')", {"align": "next"}, None),
+         ("previous: carry the state of the token before the gap ('align: previous')", {"align": "previous"}, None),
+         ("next, stretched step (Euler)", {"align": "next"}, _stretched_step),
+         ("next, decay only (gap adds no input)", {"align": "next"}, _decay_only)]
+CLIPS = [("clip each direction", "each"), ("clip the mean of the directions", "mean")]
 
 
 def alignment_forms(dense_export: Path, ratios, val, ref, labels) -> dict:
-    """Zero-shot KL to dense of the alignment forms, with importance and with random tokens: which form of
-    'the scan sees the pruned gaps' keeps a pruned Vim closest to dense (a diagnostic: a form replaces the
-    Vim mixer's scan wherever it is called with a ``hold``)."""
+    """Zero-shot KL to dense and top-1 of the alignment forms and of the two clipping placements, with importance and
+    with random tokens (random: one draw, the same for every form): which form of 'the scan sees the pruned gaps'
+    keeps a pruned Vim closest to dense. A scan form replaces ``selective_scan``'s held scan while it runs."""
     from compress.export import load
-    from compress.models import vim
+    from compress.models import selective_scan as scan_module
     from compress.pruners.base import build_pruner
 
     out = {}
     try:
         for ratio in ratios:
             for mode in ("importance", "random"):
-                for form, fn in FORMS.items():
-                    vim.selective_scan = _held_by(fn) if fn is not None else selective_scan
-                    m = load(dense_export)
-                    build_pruner({"name": "top_vim", "prune_layers": prune_layers(ratio), "target_gmacs_ratio": ratio,
-                                  "mode": mode, "align": fn is not None}).attach(m)
-                    pair = bench_assets.paired(ref, val_logits(m, val), labels)
-                    out[f"{mode} {ratio}: {form}"] = {"kl": pair["kl"], "agree": pair["agreement"],
-                                                      "top1": pair["top1"]["pruned"]}
-                    print(f"[bench] forms {mode} {ratio} {form}: KL {pair['kl']:.3f}", flush=True)
+                for clip_label, clip in (CLIPS if mode == "importance" else CLIPS[:1]):
+                    for form, params, fn in FORMS:
+                        if clip != "each" and fn is not None:
+                            continue
+                        scan_module.selective_scan = _held_by(fn) if fn is not None else selective_scan
+                        m = load(dense_export)
+                        build_pruner({"name": "top_vim", "prune_layers": prune_layers(ratio), "target_gmacs_ratio": ratio,
+                                      "mode": mode, "clip": clip, **params}).attach(m)
+                        pair = bench_assets.paired(ref, val_logits(m, val), labels)
+                        name = f"{mode} {ratio}, {clip_label if mode == 'importance' else 'random tokens'}: {form}"
+                        out[name] = {"kl": pair["kl"], "agree": pair["agreement"], "top1": pair["top1"]["pruned"]}
+                        print(f"[bench] forms {name}: KL {pair['kl']:.3f} top-1 {pair['top1']['pruned']:.2f}", flush=True)
     finally:
-        vim.selective_scan = selective_scan
+        scan_module.selective_scan = selective_scan
     return out
 
 
 def _held_by(form):
-    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
+    def held_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
         if hold is None:
             return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return form(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
-    return scan
+    return held_scan
+
+
+def forms_only(args, data_root, limit, threads, t0) -> int:
+    """Train (or reuse) the dense model, compare the alignment forms zero-shot, and put the comparison into the
+    existing results (its own model: the table above it may come from a longer-trained one)."""
+    from compress.export import load
+
+    dense_recipe = base_recipe("dense", data_root, args.batch, limit)
+    dense_recipe["stages"] = [{"kind": "finetune", "max_steps": args.train_steps,
+                               "optimizer": {"lr": args.lr, "weight_decay": 0.05}, "schedule": {"warmup_steps": 20}}]
+    dense_export = run_recipe(dense_recipe, args.work, args.reuse)
+    dense = load(dense_export)
+    val = val_tensors(data_root, dense, limit)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    ref = val_logits(dense, val)
+    labels = val.tensors[1]
+    dense_top1 = bench_assets.paired(ref, ref, labels)["top1"]["dense"]
+    forms = alignment_forms(dense_export, ratios, val, ref, labels)
+    path = Path(str(args.out) + ".json")
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result["alignment_forms"] = forms
+    result["alignment_forms_model"] = {"train_steps": args.train_steps, "batch": args.batch, "threads": threads,
+                                       "dense_top1": dense_top1, "val_images": len(val),
+                                       "prune_layers": {str(r): prune_layers(r) for r in ratios},
+                                       "seconds": time.perf_counter() - t0, "argv": sys.argv[1:]}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if "rows" in result:
+        png = Path(str(args.out) + ".png")
+        argv = result.get("argv", ["--train-steps", "1600", "--tune-steps", "100"])  # the table's run
+        Path(str(args.out) + ".md").write_text(markdown(result, argv, png.name if png.is_file() else None))
+    print(json.dumps(result["alignment_forms_model"], indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -168,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs") / "bench_vim_cifar10")
     p.add_argument("--out", type=Path, default=HERE / "results" / "vim_topvim_cifar10")
     p.add_argument("--reuse", action="store_true", help="keep the exports already in --work")
+    p.add_argument("--forms-only", action="store_true",
+                   help="only the dense model and the zero-shot comparison of alignment forms and clipping, merged "
+                        "into the existing --out results")
     args = p.parse_args(argv)
     if args.quick:
         args.train_steps, args.tune_steps, args.repeats = 3, 2, 1
@@ -187,6 +230,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    if args.forms_only:
+        return forms_only(args, data_root, limit, threads, t0)
 
     # 1. dense from scratch, and dense continued for the fine-tune's steps (the reference after fine-tuning)
     dense_recipe = base_recipe("dense", data_root, args.batch, limit)
@@ -249,7 +294,7 @@ def main(argv=None) -> int:
               "steps": {"train": args.train_steps, "tune": args.tune_steps}, "threads": threads,
               "batch_sizes": batch_sizes, "val_images": len(val), "quick": args.quick, "rows": rows,
               "alignment_forms": forms,
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "argv": argv}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(args.out) + ".json").write_text(json.dumps(result, indent=2) + "\n")
     png = None
@@ -293,16 +338,26 @@ def markdown(result: dict, argv, png) -> str:
              "of its fine-tuned row (same plan, same cost).", "",
              table(trows, cols), ""]
     if result.get("alignment_forms"):
-        lines += ["## Alignment forms, zero-shot", "",
-                  "The same pruned tokens with each form of the hidden-state alignment swapped in (zero-shot on the "
-                  "dense weights): naive = none; exact hold (implemented) = the gap's positions as copies of the "
-                  "kept token, summed per state in the scan; stretched step = each kept token's delta times 1 + its "
-                  "gap, decay and input (the hold's Euler form, which mamba-ssm's kernel runs at the pruned length); "
-                  "decay only = the gap's decay without its input. KL to dense, lower is closer.", "",
+        fm = result.get("alignment_forms_model")
+        model_note = (f"On its own dense model: trained {fm['train_steps']} steps at batch {fm['batch']} "
+                      f"({fm['threads']} thread(s)), dense top-1 {fm['dense_top1']:.2f} % on {fm['val_images']} val "
+                      "images, pruning after layers " + ", ".join(f"{l} at {r}" for r, l in fm["prune_layers"].items())
+                      + " (`python tools/bench_vim_cifar10.py " + " ".join(fm["argv"]) + "`, "
+                      f"{fm['seconds'] / 60:.0f} min). " if fm else "")
+        lines += ["## Alignment forms and clipping, zero-shot", "",
+                  model_note + "The same pruning plan with each form of the hidden-state alignment (zero-shot on the "
+                  "dense weights): naive = none; next = each kept token held over the gap *before* it (its copies "
+                  "fill the gap, output read at the last copy; exact, summed per state in the scan); previous = the "
+                  "gap filled with copies of the kept token *before* it (its output read at its own step, its state "
+                  "carried across the gap); stretched step = next's delta times 1 + gap in decay and input (the "
+                  "hold's Euler form, which mamba-ssm's kernel runs at the pruned length); decay only = the gap's "
+                  "decay without its input. Importance clips each direction's SSM output at 0 and sums (clip each, "
+                  "the default) or clips their mean, what enters out_proj (clip mean). Random tokens: one draw for "
+                  "every form. KL to dense, lower is closer.", "",
                   table(result["alignment_forms"], [("kl", "KL to dense", ".3f"),
                                                     ("agree", "same class as dense %", ".1f"),
                                                     ("top1", "top-1 %", ".2f")]), ""]
-    if result["quick"]:
+    if result.get("quick"):
         lines += ["**Smoke run (--quick): a few steps on 64 images; the numbers mean nothing.**", ""]
     if png:
         lines += [f"![top-1 vs GMACs]({png})", ""]

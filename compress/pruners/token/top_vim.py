@@ -39,7 +39,7 @@ token count; here the class token simply goes at index k // 2 of the k kept patc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -62,10 +62,19 @@ class TopVimConfig(PrunerConfig):
         None, gt=0, le=1, description="fraction of the patch tokens kept at each pruning layer (default 0.8)")
     target_gmacs_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="budget instead of keep_ratio: the layers' MACs relative to dense")
-    align: bool = Field(True, description="pruning-aware hidden-state alignment (each kept token held over its "
-                                          "pruned gap in the scan)")
+    align: Union[bool, Literal["next", "previous"]] = Field(
+        True, description="pruning-aware hidden-state alignment: 'next' (= true) holds each kept token over the pruned "
+                          "gap before it (read at its last copy); 'previous' lets the kept token before a gap carry "
+                          "its state across it (read at its own step); false = naive dropping")
     mode: Literal["importance", "random"] = Field("importance", description="rank by clipped SSM output, or random")
-    clip: bool = Field(True, description="clip channel values at 0 before summing them into the importance")
+    clip: Union[bool, Literal["each", "mean"]] = Field(
+        True, description="clip channel values at 0 before summing them into the importance: 'each' (= true) clips "
+                          "each direction's scan output, 'mean' clips their mean (what enters out_proj)")
+
+    @property
+    def align_form(self) -> Optional[str]:
+        """'next', 'previous', or None (no alignment)."""
+        return {True: "next", False: None}.get(self.align, self.align)
 
     @field_validator("prune_layers")
     @classmethod
@@ -117,8 +126,11 @@ def tokens_per_layer(depth: int, num_patches: int, layers: List[int], kept: List
 # ---- the method's pieces, as plain tensor functions --------------------------------------------------------------
 
 
-def importance(y_f: torch.Tensor, y_b: torch.Tensor, clip: bool = True) -> torch.Tensor:
-    """(B, D, L) scan outputs of both directions, in sequence order -> (B, L) token scores."""
+def importance(y_f: torch.Tensor, y_b: torch.Tensor, clip=True) -> torch.Tensor:
+    """(B, D, L) scan outputs of both directions, in sequence order -> (B, L) token scores. ``clip``: True / 'each'
+    (each direction clipped at 0), 'mean' (their mean clipped, what enters out_proj), False (no clipping)."""
+    if clip == "mean":
+        return ((y_f.float() + y_b.float()) / 2).clamp(min=0).sum(1)
     if clip:
         y_f, y_b = y_f.clamp(min=0), y_b.clamp(min=0)
     return (y_f.float().sum(1) + y_b.float().sum(1)) / 2
@@ -180,13 +192,14 @@ class TopVimVisionMamba(VisionMamba):
         index = torch.arange(n0, device=hidden.device).unsqueeze(0).expand(B, n0)
         trace = PruneTrace()
         residual, holds, j = None, None, 0
+        form = p.config.align_form
         for i, layer in enumerate(self.layers):
             trace.counts.append(hidden.shape[1])
             prune = j < len(p.layers) and p.layers[j] == i + 1
             k = p.kept[j] if prune else None
             prune = prune and k < hidden.shape[1] - 1
             want_scan = prune and p.config.mode == "importance"
-            out, residual = layer(hidden, residual, hold=holds, return_scan=want_scan)
+            out, residual = layer(hidden, residual, hold=holds, return_scan=want_scan, hold_from=form or "next")
             hidden, y = (out[0], out[1:]) if want_scan else (out, None)
             if j < len(p.layers) and p.layers[j] == i + 1:
                 j += 1
@@ -199,8 +212,11 @@ class TopVimVisionMamba(VisionMamba):
             keep = select(scores, cls, k)
             hidden, residual, index = gather_tokens(hidden, keep), gather_tokens(residual, keep), index.gather(1, keep)
             cls = k // 2
-            if p.config.align:
-                holds = gap_holds(index, cls, cls_orig, num_patches)
+            if form is not None:
+                fwd, bwd = gap_holds(index, cls, cls_orig, num_patches)
+                # 'previous': in each direction a token carries the gap that follows it there, i.e. the gap before
+                # it in the other direction
+                holds = (fwd, bwd) if form == "next" else (bwd, fwd)
         trace.index, trace.cls = index, cls
         p.trace = trace
         return hidden, residual, cls
