@@ -149,3 +149,20 @@ def test_token_major_conv_equals_conv1d():
     xg = x.clone().requires_grad_()
     causal_conv_silu_tokens(xg, conv).sum().backward()
     assert xg.grad is not None and conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_previous_form_in_one_scan_equals_the_token_pairs(dtype, tol):
+    """The CPU forward of hold_from='previous' (one plain scan with a combined delta and, after carried gaps, a
+    combined input) equals the token-pair form through the held scan, across chunk boundaries."""
+    ins = inputs(b=3, d=5, L=31, n=4, dtype=dtype)
+    hold = mixed_holds(3, 31).to(dtype)
+    ref = scan_hold_previous(scan_reference_held, *ins, True, hold)
+    for chunk in (None, 1, 4, 8):
+        out = scan_chunked(*ins, True, hold, chunk=chunk, hold_previous=True)
+        assert (out - ref).abs().max() <= tol * ref.abs().max()
+    assert torch.allclose(selective_scan(*ins, True, hold, True), scan_chunked(*ins, True, hold, hold_previous=True))
+
+
+def scan_reference_held(*args):
+    return scan_by_expansion(scan_reference, *args)

@@ -225,6 +225,20 @@ def main(argv=None) -> int:
     return 0
 
 
+NOTES = """Where a Vim-T batch of 8 goes (torch profiler, one thread, this tree, self time of ~3.0 s): the linear layers
+(aten::mm) 0.65 s, the scan's exp2 0.65 s (one per state element: 24 layers x 2 directions x 8 x 197 x 384 x 16 =
+465 M, ~1.4 ns each: Sleef's AVX2 exp on this Zen 1 core, compute-bound, the same per element at any chunk size),
+the recurrence's fused multiply-adds and the conv's 0.32 s, the decay/input broadcasts 0.31 s, softplus 0.21 s and
+silu 0.16 s (per-channel, ~4-7 ns an element), the Python step loop ~0.3 s, copies 0.12 s, readouts 0.11 s. Before
+this change the scan itself was 4.0 of 5.2 s: 64-step (T, B, D, N) chunks of 12 MB per tensor streamed from memory
+(every elementwise pass ~2 ns an element instead of ~0.2 in cache), the outer products and readouts were batched
+matmuls with tiny inner sizes (1.3 s), and three transposed copies per direction moved single elements.
+Flushing denormals changes nothing here (random-init Vim: no subnormal states; the gap between the two rows is noise).
+Why not 3x: 3x the before speed is ~1.65 s a batch, while the matmuls (as many MACs as DeiT-Tiny's) and the exps
+alone take 1.3 s; softplus and silu take 0.37 s more. mambapy's pscan materialises (B, L, D, N) tensors and does
+~2 log2(L) passes over them: 10-12x slower than the chunked scan here, forward and backward."""
+
+
 def markdown(result: dict, argv) -> str:
     t = result["times"]
     s = result["shape"]
@@ -255,6 +269,7 @@ def markdown(result: dict, argv) -> str:
         lines += ["", f"Vim-T dense / DeiT-Tiny time per batch: {t['Vim-T dense']['median_s'] / t['DeiT-Tiny']['median_s']:.2f}"
                   + (f" (before: {t['before: Vim-T dense']['median_s'] / t['DeiT-Tiny']['median_s']:.2f})"
                      if "before: Vim-T dense" in t else "") + "."]
+    lines += ["", NOTES]
     errs = ", ".join(f"{k} {v:.1e}" for k, v in result["rel_err_vs_fp64_reference"].items())
     lines += ["", f"Max error against the fp64 step-by-step reference, relative to its max |y|: {errs}.", "",
               f"Regenerate: `python tools/bench_selective_scan.py {' '.join(argv)}` "

@@ -116,7 +116,7 @@ class _Scan:
     with the state innermost), and the readouts are batched matrix-vector products over the state's own layout.
     """
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold, hold_previous: bool = False):
         self.dtype = dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
         self.uT = _tm(u, dtype)
         raw = _tm(delta, dtype)
@@ -135,7 +135,7 @@ class _Scan:
         self.n = self.A.shape[0]
         self.held = self.dl_held = None
         if self.holdT is not None:
-            self._held_terms()
+            self._held_previous_terms() if hold_previous else self._held_terms()
 
     def _held_terms(self):
         """The held steps (hold != 1: a pruned gap before them, a minority) differ from plain steps only in the
@@ -156,6 +156,31 @@ class _Scan:
         self.held = (idx, inp, factor, e1)
         self._bounds = {}
 
+    def _held_previous_terms(self):
+        """``hold_from='previous'`` as one plain scan (inference): token k - 1 carries m = hold_{k-1} - 1 copies of
+        itself after its own step, so the state that token k reads is h'_k = e^{x_k} (e^{m x_{k-1}} h'_{k-1} +
+        f(m) i_{k-1}) + i_k with f(m) = (e^{m x_{k-1}} - 1) / (e^{x_{k-1}} - 1) and i = delta B u: a scan with decay
+        exp(A (delta_k + m delta_{k-1})) (from a combined delta, at no extra cost) and, at the steps after a
+        carried gap only, the input i_k + e^{x_k} f(m) i_{k-1} (computed here as whole rows, as ``_held_terms``)."""
+        m = torch.zeros_like(self.holdT)
+        m[1:] = self.holdT[:-1] - 1  # (L, b): copies carried between step k - 1 and step k
+        self.dl_held = torch.addcmul(self.dlT, torch.cat([self.dlT[:1] * 0, self.dlT[:-1]]), m[:, :, None])
+        m_rows = m.reshape(-1)
+        idx = (m_rows != 0).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        prev = idx - self.b  # the same image's previous step (m is 0 at step 0)
+        flat_dl, flat_du, flat_B = self.dlT.reshape(-1, self.d), self.duT.reshape(-1, self.d), self.BT.reshape(-1, self.n)
+        xp = flat_dl.index_select(0, prev)[:, None, :] * self.A2  # (H, n, d): x_{k-1}
+        ep = torch.exp2(xp)
+        f = torch.exp2(xp.mul_(m_rows.index_select(0, idx)[:, None, None])).sub_(1).div_(ep.sub_(1).sub_(1e-30))
+        ek = torch.exp2(flat_dl.index_select(0, idx)[:, None, :] * self.A2)  # e^{x_k}
+        i_prev = flat_du.index_select(0, prev)[:, None, :] * flat_B.index_select(0, prev)[:, :, None]
+        inp = torch.addcmul(flat_du.index_select(0, idx)[:, None, :] * flat_B.index_select(0, idx)[:, :, None],
+                            ek.mul_(f), i_prev)
+        self.held = (idx, inp, None, None)
+        self._bounds = {}
+
     def _held_in(self, s: int, e: int):
         """The held rows of steps s..e: (their row indices in the chunk's (T * b) rows, held input, factor, e^x)."""
         idx, inp, factor, e1 = self.held
@@ -170,6 +195,8 @@ class _Scan:
             lo, hi = torch.searchsorted(idx, torch.tensor([s * self.b, e * self.b], device=idx.device)).tolist()
         if lo == hi:
             return None
+        if factor is None:  # hold_previous (inference only)
+            return idx[lo:hi] - s * self.b, inp[lo:hi], None, None
         return idx[lo:hi] - s * self.b, inp[lo:hi], factor[lo:hi], e1[lo:hi]
 
     def chunk(self) -> int:
@@ -200,7 +227,7 @@ class _Scan:
         loc, inp_held, factor, e1 = held
         T, rows = e - s, self.n * self.d
         inp.view(T * self.b, rows).index_copy_(0, loc, inp_held.view(-1, rows))
-        return dec, inp, factor, (loc, e1)
+        return dec, inp, factor, None if factor is None else (loc, e1)
 
     def dense_hold_terms(self, dec, factor, held):
         """The sparse hold terms of ``terms`` as full (T, b, n, d) tensors (factor 1 and e^x = decay where hold is
@@ -237,7 +264,7 @@ def _run_chunk(dec: torch.Tensor, H: torch.Tensor, h: torch.Tensor) -> torch.Ten
 
 
 def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
-                 chunk: Optional[int] = None):
+                 chunk: Optional[int] = None, hold_previous: bool = False):
     """The recurrence over chunks of ``chunk`` steps; same result as ``scan_reference`` (as the expanded reference
     with ``hold``). Out: (b, d, L) in u's dtype, laid out as (b, L, d) (see ``_from_tm``).
 
@@ -246,7 +273,7 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     with one fused multiply-add per step, in place of the inputs, and is read out with C in one batched
     matrix-vector product.
     """
-    p = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+    p = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold, hold_previous)
     chunk = chunk or p.chunk()
     dec, H0, H1 = p.buffers(chunk, 3)
     yT = p.uT.new_empty(p.L, p.b, p.d)
@@ -374,8 +401,12 @@ def scan_by_expansion(scan, u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     return y.gather(2, (ends - 1)[:, None].expand(-1, d, -1))
 
 
-def _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold=None):
+def _scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold=None, hold_previous=False):
     """The differentiable implementation for the tensors' device."""
+    if hold is not None and hold_previous:
+        if u.is_cuda:  # token pairs through the plain held scan (mamba-ssm's kernel has no per-state input factor)
+            return scan_hold_previous(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+        return scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold, hold_previous=True)
     fn = cuda_scan() if u.is_cuda else None
     if fn is not None:
         if hold is not None:
@@ -428,10 +459,12 @@ def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
 
     ``hold_from``: 'next' (the op's ``hold``: token t stands for the pruned gap *before* it, read at its last copy) or
     'previous' (token t carries the gap *after* it, read at its own step: ``scan_hold_previous``)."""
-    if hold is not None and hold_from == "previous":
-        return scan_hold_previous(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
     if hold_from not in ("next", "previous"):
         raise ValueError(f"scan: hold_from must be 'next' or 'previous', got {hold_from!r}")
+    if hold is not None and hold_from == "previous":
+        if _AS_PLAIN_OPS.get():
+            return scan_hold_previous(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold, True)
     if _AS_PLAIN_OPS.get():
         return scan_as_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
@@ -476,14 +509,16 @@ def scan_as_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                   hold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Selective scan, (B, D, L) out in u's dtype, laid out as (B, L, D). Differentiable (not in ``hold``); counted by the FLOP counter."""
+                   hold: Optional[torch.Tensor] = None, hold_previous: bool = False) -> torch.Tensor:
+    """Selective scan, (B, D, L) out in u's dtype, laid out as (B, L, D). Differentiable (not in ``hold``); counted
+    by the FLOP counter. ``hold_previous``: ``hold`` as ``scan``'s hold_from='previous'."""
     with torch.no_grad():
-        return _out_layout(_scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold).to(u.dtype))
+        return _out_layout(_scan_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold,
+                                          hold_previous).to(u.dtype))
 
 
 @selective_scan.register_fake
-def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None):
+def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None, hold_previous=False):
     b, d, L = u.shape
     return u.new_empty(b, L, d).transpose(1, 2)
 
@@ -500,6 +535,7 @@ def _out_layout(y: torch.Tensor) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8], inputs[9])
     ctx.delta_softplus = inputs[8]
+    ctx.hold_previous = len(inputs) > 10 and bool(inputs[10])
 
 
 def _backward(ctx, grad):
@@ -507,8 +543,15 @@ def _backward(ctx, grad):
     leaves = [t.detach().requires_grad_(ctx.needs_input_grad[i]) if t is not None else None
               for i, t in enumerate(saved)]
     wanted = [i for i, t in enumerate(leaves) if t is not None and ctx.needs_input_grad[i]]
-    grads = [None] * 10
+    grads = [None] * 11
     if not wanted:
+        return tuple(grads)
+    if ctx.hold_previous and hold is not None:  # through the token pairs and this op's own backward
+        with torch.enable_grad():
+            out = scan_hold_previous(selective_scan, *leaves, ctx.delta_softplus, hold).to(grad.dtype)
+            found = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
         return tuple(grads)
     if saved[0].is_cuda and cuda_scan() is not None:
         with torch.enable_grad():  # recompute with the kernel: nothing of the forward's inner graph was kept
@@ -543,6 +586,6 @@ def scan_macs(batch: int, channels: int, length: int, state: int) -> int:
 
 @flop_counter.register_flop_formula(torch.ops.compress.selective_scan)
 def _scan_flop(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape=None, z_shape=None, delta_bias_shape=None,
-               delta_softplus=False, hold_shape=None, *args, out_shape=None, **kwargs) -> int:
+               delta_softplus=False, hold_shape=None, hold_previous=False, *args, out_shape=None, **kwargs) -> int:
     b, d, L = u_shape
     return 2 * scan_macs(b, d, L, A_shape[1])  # the counter's FLOPs = 2 x MACs
