@@ -109,7 +109,7 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
 
 def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[str], batch_sizes: List[int],
           device: str, repeats: int, data: Optional[str] = None, onnx: bool = False,
-          round_seconds: float = 0.5) -> Dict[str, Any]:
+          round_seconds: float = 0.5, compile_backend: Optional[str] = None) -> Dict[str, Any]:
     from compress.export import build_base, load
     from compress.tasks.base import Task
 
@@ -130,8 +130,12 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
         task.use_data(data_source.dataset("val", pruned, train=False))
     example = lambda bs: task.example(size, bs, device)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
-        runtimes = _onnx_runtimes({"dense": dense, "pruned": pruned}, example, Path(tmp), device) if onnx else None
-        results = compare(dense, pruned, example, batch_sizes, device, repeats, runtimes, round_seconds)
+        runtimes = _onnx_runtimes({"dense": dense, "pruned": pruned}, example, Path(tmp), device) if onnx else {}
+        compiled = _compiled_runtimes({"dense": dense, "pruned": pruned}, example, batch_sizes, compile_backend) if compile_backend else {}
+        runtimes.update({name: c["model"] for name, c in compiled.items()})
+        results = compare(dense, pruned, example, batch_sizes, device, repeats, runtimes or None, round_seconds)
+    if compiled:
+        results["compile"] = {name: {k: v for k, v in c.items() if k != "model"} for name, c in compiled.items()}
     results["source"] = source
     if hasattr(task, "bench_details"):  # a task with more to say (per-expert rows of a routed diffusion export)
         results["details"] = task.bench_details(pruned, size, batch_sizes, device, repeats, results["dense"]["gmacs"])
@@ -158,6 +162,22 @@ def _onnx_runtimes(models: Dict[str, Any], example, folder: Path, device: str) -
         path = folder / f"{name}.onnx"
         deploy.export_model(copy.deepcopy(model), "onnx", path, example)
         out[f"{name} (onnxruntime)"] = deploy.OnnxRuntimeModel(path, threads=pin_threads())
+    return out
+
+
+def _compiled_runtimes(models: Dict[str, Any], example, batch_sizes, backend: str) -> Dict[str, Dict[str, Any]]:
+    """Each model under ``torch.compile`` as "<name> (compiled)": compiled for every batch size and checked
+    against eager there (``compiled.check``), with dynamo's graph breaks."""
+    from compress import compiled as comp
+    from compress.progress import track
+
+    out = {}
+    for name, model in track(list(models.items()), f"torch.compile ({backend})", unit="models"):
+        runner = comp.CompiledModel(model.eval(), backend=backend)
+        checks = [comp.check(runner, example, bs) for bs in batch_sizes]
+        args = example(batch_sizes[0])
+        out[f"{name} (compiled)"] = {"model": runner, "backend": backend, "checks": checks,
+                                     **comp.graph_breaks(model, *(args if isinstance(args, tuple) else (args,)))}
     return out
 
 
@@ -196,6 +216,12 @@ def bench_table(r: Dict[str, Any]) -> str:
                 + ", ".join(f"@{bs}: {n}" for bs, n in dropped.items() if n))
     if r.get("busy_cores_elsewhere") is not None and r["busy_cores_elsewhere"] > 0.5:
         out += f"\nwarning: other processes kept {r['busy_cores_elsewhere']:.1f} CPU cores busy; the speed ratios are unreliable"
+    for name, c in (r.get("compile") or {}).items():
+        secs = ", ".join(f"@{k['batch_size']}: {k['compile_seconds']:.0f} s" for k in c["checks"] if k.get("compile_seconds") is not None)
+        worst = max(k["max_rel_diff"] for k in c["checks"])
+        out += (f"\n{name}: torch.compile backend {c['backend']}, compiled in {secs}; largest difference from eager "
+                f"{worst:.1e} of the largest output; {c['graphs']} graph(s), {c['breaks']} graph break(s)")
+        out += "".join(f"\n  break: {b['reason']} (at {b['at']})" for b in c["reasons"][:3])
     if (r.get("details") or {}).get("table"):
         out += "\n" + r["details"]["table"]
     if "storage" in r:

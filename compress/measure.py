@@ -203,7 +203,7 @@ def profile(
     runs at least ``repeats // rounds`` forwards and ``round_seconds`` (median kept), the models in an
     order rotated every round, so drift in machine speed and the cache left by the previous model hit them all
     alike. On the CPU, threads are pinned, freed memory is kept (``keep_freed_memory``) and a round during which
-    other processes used more than ``max_others`` cores is retaken (at most ``rounds`` times; counted in
+    other processes used more than ``max_others`` cores is retaken (at most ``rounds`` retakes per batch size; counted in
     ``dropped_rounds``). Speed-ups are best read as the median of the per-round ratios
     (``rounds_images_per_s``; ``report.compare`` does), with their spread."""
     from compress.progress import track
@@ -220,7 +220,8 @@ def profile(
     out: Dict[str, Dict] = {}
     for name, model in models.items():
         model.to(dev).eval()
-        out[name] = {"gmacs": count_gmacs(model, make(1)), "params": count_params(model), "speed": {}}
+        costed = getattr(model, "eager_model", model)  # a compiled runner costs what its eager model does
+        out[name] = {"gmacs": count_gmacs(costed, make(1)), "params": count_params(costed), "speed": {}}
     names = list(models)
     per_round = max(1, repeats // rounds)
     runs: Dict[str, Dict[int, list]] = {name: {} for name in models}
@@ -233,12 +234,12 @@ def profile(
     steps = [(bs, r) for bs in batch_sizes for r in range(rounds)]
     for bs, r in track(steps, "benchmark", unit="rounds"):
         x = inputs[bs]
-        for attempt in range(rounds + 1):
+        while True:
             watch = CpuWatch() if dev.type == "cpu" else None
             order = names[r % len(names):] + names[: r % len(names)]
             row = {name: _timed_round(models[name], x, per_round, round_seconds) for name in order}
             others = watch.others() if watch is not None else None
-            if others is None or others <= max_others or attempt == rounds:
+            if others is None or others <= max_others or dropped[bs] >= rounds:  # at most ``rounds`` retakes in all
                 break
             dropped[bs] += 1
         for name in names:

@@ -12,34 +12,11 @@ from compress.cli import main
 from compress.export import load, save
 from compress.models import model_spec
 from compress.pruners.base import build_pruner
-from compress.registry import MODELS, PRUNERS
+from compress.registry import MODELS
+from vit_zoo import CASES, images32 as images, pruned_vit_export as vit_export
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxscript", reason="ONNX tests need the onnx extra: pip install -e '.[onnx]'")
-
-VIT = dict(img_size=32, patch_size=4, depth=4, num_classes=10)  # 64 patch tokens, so every pruner has room
-TOKEN_PRUNERS = [n for n, cls in PRUNERS.items() if cls.kind == "token" and cls.targets == "vit"]
-PARAMS = {**{n: {"target_gmacs_ratio": 0.7} for n in TOKEN_PRUNERS}, "zero_tprune_merge": {"target_gmacs_ratio": 0.7, "merge": True},
-          "heads": {"head_pruning_ratio": 0.5, "mlp_pruning_ratio": 0.25}, "magnitude": {"sparsity": 0.5}}
-CASES = ["dense", *TOKEN_PRUNERS, "zero_tprune_merge", "heads", "magnitude"]
-
-
-def vit_export(tmp_path, case):
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).eval()
-    pruners, edits = [], []
-    if case != "dense":
-        pruner = build_pruner({"name": case.replace("_merge", ""), **PARAMS[case]})
-        pruner.attach(model)
-        edits.append(pruner.finalize(model))
-        pruners.append(pruner)
-    return save(model, tmp_path / "export", model_spec("vit_tiny_patch16_224", VIT), pruners, edits,
-                input_size=(3, 32, 32))
-
-
-def images(n, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
 
 def onnx_run(path, x):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

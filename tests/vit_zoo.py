@@ -8,6 +8,8 @@ from timm.models.vision_transformer import Block
 
 from compress import export
 from compress.models.build import model_spec
+from compress.pruners.base import build_pruner
+from compress.registry import PRUNERS
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10))  # 64 patches + CLS
 LS = ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4, num_classes=10, init_values=1e-5))
@@ -46,3 +48,31 @@ def export_round_trip(model, pruner, cfg, x, folder):
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
     return loaded
+
+
+# ---- one 32 px ViT per pruning case, exported (tests of deployment and compilation) ----------------------
+
+VIT32 = dict(img_size=32, patch_size=4, depth=4, num_classes=10)  # 64 patch tokens, so every pruner has room
+TOKEN_PRUNERS = [n for n, cls in PRUNERS.items() if cls.kind == "token" and cls.targets == "vit"]
+PARAMS = {**{n: {"target_gmacs_ratio": 0.7} for n in TOKEN_PRUNERS}, "zero_tprune_merge": {"target_gmacs_ratio": 0.7, "merge": True},
+          "heads": {"head_pruning_ratio": 0.5, "mlp_pruning_ratio": 0.25}, "magnitude": {"sparsity": 0.5}}
+CASES = ["dense", *TOKEN_PRUNERS, "zero_tprune_merge", "heads", "magnitude"]
+
+
+def pruned_vit_export(tmp_path, case):
+    """The 32 px ViT pruned as ``case`` says (a token pruner's name, zero_tprune_merge, heads, magnitude or dense),
+    exported to ``tmp_path / "export"``."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT32).eval()
+    pruners, edits = [], []
+    if case != "dense":
+        pruner = build_pruner({"name": case.replace("_merge", ""), **PARAMS[case]})
+        pruner.attach(model)
+        edits.append(pruner.finalize(model))
+        pruners.append(pruner)
+    return export.save(model, tmp_path / "export", model_spec("vit_tiny_patch16_224", VIT32), pruners, edits,
+                       input_size=(3, 32, 32))
+
+
+def images32(n, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))

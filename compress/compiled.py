@@ -1,0 +1,84 @@
+"""``torch.compile`` of dense and pruned models: the runner ``compress bench --compile`` times beside eager, the
+check that it computes what eager computes, and where dynamo splits the graph.
+
+Token pruners keep a fixed token count per block, so a compiled pruned ViT is one graph per batch size
+(``dynamic=False``: static shapes give the best kernels; each batch size compiles once). The batch-1 eager fast
+paths of ``compress.tokens`` are skipped under compilation, so the compiled graph never depends on them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+
+TOLERANCE = 1e-4  # max |compiled - eager| relative to the largest eager output (fp32; measured ~1e-6)
+
+
+class CompiledModel(nn.Module):
+    """``torch.compile(model)`` behind ``nn.Module``'s call; remembers how long each new input shape took to
+    compile (its first call). ``eager_model`` is the model itself: its GMACs and parameters are the compiled
+    one's."""
+
+    def __init__(self, model: nn.Module, backend: str = "inductor", mode: Optional[str] = None):
+        super().__init__()
+        import torch._dynamo as dynamo
+
+        known = dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise CompressError(f"unknown torch.compile backend {backend!r} (known: {', '.join(sorted(known))})")
+        self.eager_model = model
+        self.backend = backend
+        self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
+        self.compile_seconds: Dict[str, float] = {}
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = "x".join(str(d) for d in inputs[0].shape)
+        if key in self.compile_seconds:
+            return self.compiled(*inputs)
+        t0 = time.perf_counter()
+        try:
+            out = self.compiled(*inputs)
+        except Exception as e:  # inductor needs a C++ compiler on the CPU; say what failed in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CompressError(f"torch.compile (backend {self.backend!r}) failed: {first[:300]}") from e
+        self.compile_seconds[key] = time.perf_counter() - t0
+        return out
+
+
+def graph_breaks(model: nn.Module, *inputs: torch.Tensor) -> Dict[str, Any]:
+    """How dynamo splits ``model``'s forward on ``inputs``: graphs, breaks and their distinct reasons with the
+    first place in compress or the model's code where each happened (no compilation: tracing only)."""
+    import torch._dynamo as dynamo
+
+    with torch.no_grad():
+        info = dynamo.explain(model)(*inputs)
+    reasons: Dict[str, str] = {}
+    for brk in info.break_reasons:
+        reason = " ".join(str(brk.reason).split())[:200]
+        frame = next((f for f in reversed(brk.user_stack or []) if "site-packages/torch" not in f.filename), None)
+        reasons.setdefault(reason, f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+                           if frame is not None else "?")
+    return {"graphs": info.graph_count, "breaks": info.graph_break_count,
+            "reasons": [{"reason": r, "at": at} for r, at in reasons.items()]}
+
+
+def check(compiled: CompiledModel, example_for: Callable[[int], Any], batch_size: int) -> Dict[str, Any]:
+    """Compiled vs eager on one batch: the largest difference, absolute and relative to the largest output, and
+    the compile time of that shape. Raises when it is over ``TOLERANCE``."""
+    args = example_for(batch_size)
+    args = args if isinstance(args, tuple) else (args,)
+    with torch.inference_mode():
+        want = compiled.eager_model(*args)
+        got = compiled(*args)
+    diff = float((got.float() - want.float()).abs().max())
+    scale = float(want.abs().max()) or 1.0
+    result = {"batch_size": batch_size, "max_abs_diff": diff, "max_rel_diff": diff / scale, "tolerance": TOLERANCE,
+              "compile_seconds": compiled.compile_seconds.get("x".join(str(d) for d in args[0].shape))}
+    if not diff <= TOLERANCE * scale:
+        raise CompressError(f"the compiled model differs from eager by {diff:.3g} (relative {diff / scale:.3g}, "
+                            f"tolerance {TOLERANCE:g}) at batch {batch_size}")
+    return result
