@@ -18,17 +18,23 @@ After chosen layers (1-based, "after layer l") the patch tokens are ranked and t
   the scan runs as if the gap's positions were copies of the kept token, computed exactly in one step
   (the scan op's ``hold``, s = 1 + g):
   h_t = exp(s delta_t A) h_prev + [expm1(s delta_t A) / expm1(delta_t A)] delta_t B_t u_t.
-  The pruned tokens' projections, conv and delta are never computed (that is the saving); on CPU the hold costs
-  a per-state input factor in the scan (measured: 1.64x instead of naive dropping's 1.80x at 0.51 of the GMACs on
-  the CIFAR-10 Vim), on CUDA the kernel runs over the expanded sequence (only the scan, ~16 % of a Vim-T layer's
-  MACs, at full length). ``align: false`` turns it off (naive ViT-style dropping).
-  Measured zero-shot on a small CIFAR-10 Vim (tools/results/vim_topvim_cifar10.md, KL to dense) against two
-  other forms: stretching the step, delta -> s delta in decay and input (Mamba's Euler discretisation of the hold,
-  which the kernel would run at the pruned length), drifts from the hold as delta grows and is the furthest from
-  dense; stretching only the decay (a gap adds no input) is level with naive. The exact hold was 4-6 % closer to
-  dense than naive dropping when pruning early (after layers 1, 2, 4 of 6), and is level with it (0.7 of the
-  GMACs) or behind (0.5) when pruning later, which suits this model better: on it, the alignment's benefit is
-  not shown.
+  The pruned tokens' projections, conv and delta are never computed (that is the saving). On CPU the decay
+  exp(s delta A) of every step comes from s*delta at no extra cost, but each held step (a gap before it) needs a
+  second exp and its own input factor, and a large share of the tokens are held; on Vim-T at keep 0.8
+  (0.861 of the GMACs) the aligned model ran at 0.95-0.98x dense's speed against naive dropping's 1.14-1.17x
+  (``compress bench`` on recipes/vim_t_topvim.yaml, one thread), so that recipe defaults to ``align: false``. On
+  CUDA the kernel runs over the expanded sequence (only the scan, ~16 % of a Vim-T layer's MACs, at full length).
+  ``align: false`` turns it off (naive ViT-style dropping).
+- ``align: previous``: the other reading of the alignment, the gap filled from the kept token *before* it, whose
+  output is read at its own step and whose state is carried across the gap (the scan's ``hold_from='previous'``:
+  exact, one plain scan with a combined delta on CPU, token pairs through the held scan for gradients and on CUDA).
+- ``clip: mean`` clips the mean of the two directions' outputs (what enters out_proj) instead of each.
+  Measured zero-shot on a small CIFAR-10 Vim (tools/results/vim_topvim_cifar10.md, KL to dense, 600-step model):
+  next is closer to dense than naive in all six settings (by 2-10 %) and the closest form in four; previous is
+  behind next in four of six; clipping each direction beats clipping the mean in all six. Stretching the step,
+  delta -> s delta in decay and input (Mamba's Euler discretisation of the hold, which the kernel would run at the
+  pruned length), is the furthest from dense; stretching only the decay (a gap adds no input) is level with naive.
+  So the defaults stay ``align: true`` (= next) and ``clip: true`` (= each).
 
 Defaults: pruning after layers 10 and 20 of a 24-layer Vim at keep 0.8 (for other depths the same relative
 positions), the schedule issue 13 names as the released one; docs/methods.md §8 reads the released code
