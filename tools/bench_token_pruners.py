@@ -92,7 +92,28 @@ def _spread(row, bs) -> str:
     return f"{min(rounds):.2f}-{max(rounds):.2f}" if rounds else "–"
 
 
-def markdown(result, argv) -> str:
+def before_after(result, before) -> str:
+    """The rows of an earlier run (``--before``: its JSON) beside this one's: same labels and budgets."""
+    old = {(r["pruner"], r["budget"]): r for r in before["rows"]}
+    sizes = [bs for bs in result["batch_sizes"] if bs in before["batch_sizes"]]
+    rows = {}
+    for r in result["rows"]:
+        b = old.get((r["pruner"], r["budget"]))
+        if b is None:
+            continue
+        rows[f"{r['pruner']} @ {r['budget']:.2f}"] = {
+            "t0": b["top1"], "t1": r["top1"], "a0": b["paired"]["agreement"], "a1": r["paired"]["agreement"],
+            **{f"s0_{bs}": b["speedup"][str(bs)] for bs in sizes}, **{f"s1_{bs}": r["speedup"][str(bs)] for bs in sizes},
+            **{f"l1_{bs}": 100 * r["speedup"][str(bs)] * r["gmacs_ratio"] for bs in sizes}}
+    cols = [("t0", "top-1 before", ".1f"), ("t1", "top-1 now", ".1f"), ("a0", "agrees before", ".1f"), ("a1", "agrees now", ".1f")]
+    for bs in sizes:
+        cols += [(f"s0_{bs}", f"speed-up @{bs} before", ".2f"), (f"s1_{bs}", f"@{bs} now", ".2f"), (f"l1_{bs}", f"@{bs} now, % of 1/GMACs", ".0f")]
+    note = before.get("note", "")
+    return "\n".join(["## Before and after", "", f"Before: {note}" if note else "Before: the earlier run given with --before.", "",
+                      table(rows, cols), ""])
+
+
+def markdown(result, argv, before=None) -> str:
     sizes = result["batch_sizes"]
     d = result["dense"]
     rows = {"dense": {"budget": "-", "ratio": 1.0, "gmacs": d["gmacs"], "top1": d["top1"], "top5": d["top5"], "drop": 0.0,
@@ -126,6 +147,8 @@ def markdown(result, argv) -> str:
             lines.append(f"- {name}: top-1 {r['top1']:.1f} ({r['top1'] - d['top1']:+.1f}) at {r['gmacs_ratio']:.3f} of dense GMACs; "
                          f"speed-up {speeds} of the {1 / r['gmacs_ratio']:.2f}x the GMACs allow")
         lines.append("")
+    if before is not None:
+        lines.append(before_after(result, before))
     lines.append(f"Regenerate: `python tools/bench_token_pruners.py {' '.join(argv)}` ({result['seconds']:.0f} s)")
     return "\n".join(lines) + "\n"
 
@@ -142,8 +165,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="forwards per model and batch size, at least (over 5 rounds)")
     p.add_argument("--round-seconds", type=float, default=0.5, help="each model runs at least this long in every round")
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
+    p.add_argument("--before", type=Path, help="JSON of an earlier run, shown beside this one (its \"note\" says what it was)")
     args = p.parse_args(argv)
 
+    before = json.loads(args.before.read_text()) if args.before else None  # read first: a bad path fails at once
     extra = dict(bench_assets.labelled_spec(item) for item in args.pruner)
     specs = {**PRUNERS, **extra}
     labels = args.pruners.split(",")
@@ -187,7 +212,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    md = markdown(result, argv)
+    md = markdown(result, argv, before)
     args.out.with_suffix(".md").write_text(md)
     print(md)
     return 0

@@ -453,6 +453,12 @@ def scan_hold_previous(scan_fn, u, delta, A, B, C, D=None, z=None, delta_bias=No
     return y[..., 0::2]
 
 
+def _plain_ops() -> bool:
+    """Inside ``as_plain_ops`` (torch.export for ONNX runs this Python; torch.compile's dynamo cannot read a
+    ContextVar, and it keeps the op: its fake implementation traces)."""
+    return not torch.compiler.is_dynamo_compiling() and _AS_PLAIN_OPS.get()
+
+
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, hold=None,
          hold_from: str = "next") -> torch.Tensor:
     """What models call: the op ``selective_scan``, or its plain PyTorch ops inside ``as_plain_ops``.
@@ -462,10 +468,10 @@ def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
     if hold_from not in ("next", "previous"):
         raise ValueError(f"scan: hold_from must be 'next' or 'previous', got {hold_from!r}")
     if hold is not None and hold_from == "previous":
-        if _AS_PLAIN_OPS.get():
+        if _plain_ops():
             return scan_hold_previous(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold, True)
-    if _AS_PLAIN_OPS.get():
+    if _plain_ops():
         return scan_as_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, hold)
 

@@ -86,6 +86,8 @@ def _counting_flops() -> bool:
     elementwise form of the conv below, so the conv is run as one while counting: same MACs as before)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
+    if torch.compiler.is_dynamo_compiling():  # dynamo cannot trace the mode stack, and counts nothing
+        return False
     return any("FlopCounterMode" in type(m).__name__ for m in _get_current_dispatch_mode_stack())
 
 
