@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from compress.errors import CompressError
 
-TOLERANCE = 1e-4  # max |compiled - eager| relative to the largest eager output (fp32; measured ~1e-6)
+from compress.deploy import TOLERANCE, difference  # max |compiled - eager| relative to the largest eager output
+
 
 
 class CompiledModel(nn.Module):
@@ -36,7 +37,7 @@ class CompiledModel(nn.Module):
         self.compile_seconds: Dict[str, float] = {}
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        key = "x".join(str(d) for d in inputs[0].shape)
+        key = _shape_key(inputs)
         if key in self.compile_seconds:
             return self.compiled(*inputs)
         t0 = time.perf_counter()
@@ -74,11 +75,12 @@ def check(compiled: CompiledModel, example_for: Callable[[int], Any], batch_size
     with torch.inference_mode():
         want = compiled.eager_model(*args)
         got = compiled(*args)
-    diff = float((got.float() - want.float()).abs().max())
-    scale = float(want.abs().max()) or 1.0
-    result = {"batch_size": batch_size, "max_abs_diff": diff, "max_rel_diff": diff / scale, "tolerance": TOLERANCE,
-              "compile_seconds": compiled.compile_seconds.get("x".join(str(d) for d in args[0].shape))}
-    if not diff <= TOLERANCE * scale:
-        raise CompressError(f"the compiled model differs from eager by {diff:.3g} (relative {diff / scale:.3g}, "
-                            f"tolerance {TOLERANCE:g}) at batch {batch_size}")
+    result = {"batch_size": batch_size, **difference(got, want), "compile_seconds": compiled.compile_seconds.get(_shape_key(args))}
+    if not result["max_rel_diff"] <= TOLERANCE:
+        raise CompressError(f"the compiled model differs from eager by {result['max_abs_diff']:.3g} (relative "
+                            f"{result['max_rel_diff']:.3g}, tolerance {TOLERANCE:g}) at batch {batch_size}")
     return result
+
+
+def _shape_key(inputs) -> str:
+    return "x".join(str(d) for d in inputs[0].shape)

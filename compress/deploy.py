@@ -170,13 +170,19 @@ def check(model: nn.Module, path: Union[str, Path], fmt: str, example_for: Calla
     with torch.no_grad():
         want = model(*args)
         got = runner(path, fmt)(*args)
+    result = {"batch_size": batch_size, **difference(got, want)}
+    if not result["max_rel_diff"] <= TOLERANCE:  # NaN fails too
+        raise CompressError(f"the {fmt} file disagrees with the eager model: max |difference| {result['max_abs_diff']:.3g} "
+                            f"({result['max_rel_diff']:.2g} of the largest output; tolerance {TOLERANCE:g})")
+    return result
+
+
+def difference(got: torch.Tensor, want: torch.Tensor) -> Dict[str, float]:
+    """The largest |got - want|, absolute and relative to the largest |want|, beside ``TOLERANCE``: how a deployed
+    or compiled model is held to the eager one."""
     diff = float((got.float() - want.float()).abs().max())
     scale = float(want.abs().max()) or 1.0
-    result = {"batch_size": batch_size, "max_abs_diff": diff, "max_rel_diff": diff / scale, "tolerance": TOLERANCE}
-    if diff / scale > TOLERANCE:
-        raise CompressError(f"the {fmt} file disagrees with the eager model: max |difference| {diff:.3g} "
-                            f"({diff / scale:.2g} of the largest output; tolerance {TOLERANCE:g})")
-    return result
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "tolerance": TOLERANCE}
 
 
 def export_model(model: nn.Module, fmt: str, out: Union[str, Path], example_for: Callable[[int], Any],

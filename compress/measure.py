@@ -77,19 +77,22 @@ def _device_of(example: Any) -> torch.device:
     return (example[0] if isinstance(example, tuple) else example).device
 
 
-def time_forward(model: nn.Module, example: Any, warmup: int = 3, repeats: int = 10) -> list:
-    """Seconds per forward of ``example``, one entry per repeat (after warm-up)."""
+def time_forward(model: nn.Module, example: Any, warmup: int = 3, repeats: int = 10, seconds: float = 0.0) -> list:
+    """Seconds per forward of ``example``, one entry per forward after warm-up: at least ``repeats`` of them,
+    and as many more as fit in ``seconds``."""
     model.eval()
     times = []
     dev = _device_of(example)
     with torch.inference_mode():
-        for i in range(warmup + repeats):
+        for _ in range(warmup):
+            run(model, example)
+        end = time.perf_counter() + seconds
+        while len(times) < repeats or time.perf_counter() < end:
             _sync(dev)
             t0 = time.perf_counter()
             run(model, example)
             _sync(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
     return times
 
 
@@ -237,7 +240,7 @@ def profile(
         while True:
             watch = CpuWatch() if dev.type == "cpu" else None
             order = names[r % len(names):] + names[: r % len(names)]
-            row = {name: _timed_round(models[name], x, per_round, round_seconds) for name in order}
+            row = {name: statistics.median(time_forward(models[name], x, 0, per_round, round_seconds)) for name in order}
             others = watch.others() if watch is not None else None
             if others is None or others <= max_others or dropped[bs] >= rounds:  # at most ``rounds`` retakes in all
                 break
@@ -261,19 +264,3 @@ def round_ratios(model: Dict, baseline: Dict) -> Dict[str, list]:
     """Per batch size, ``model``'s images/s over ``baseline``'s in each interleaved round of ``profile``."""
     return {bs: [m / b for m, b in zip(model["speed"][bs]["rounds_images_per_s"], baseline["speed"][bs]["rounds_images_per_s"])]
             for bs in baseline["speed"]}
-
-
-def _timed_round(model: nn.Module, x: Any, repeats: int, seconds: float) -> float:
-    """Median seconds per forward over at least ``repeats`` forwards and ``seconds`` of wall time."""
-    model.eval()
-    dev = _device_of(x)
-    times: list = []
-    end = time.perf_counter() + seconds
-    with torch.inference_mode():
-        while len(times) < repeats or time.perf_counter() < end:
-            _sync(dev)
-            t0 = time.perf_counter()
-            run(model, x)
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)

@@ -19,7 +19,7 @@ from compress.export import load, save
 from compress.models import model_spec
 from compress.pruners.base import build_pruner
 from compress.registry import MODELS
-from vit_zoo import CASES, images32, pruned_vit_export
+from vit_zoo import CASES, images32, pruned_vim_export, pruned_vit_export
 
 
 def assert_close(got, want):
@@ -41,12 +41,7 @@ def test_every_vit_pruner_compiles_to_one_graph_with_eager_outputs(case, tmp_pat
 
 
 def _vim(tmp_path):
-    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, d_state=4, num_classes=6)
-    torch.manual_seed(0)
-    model = MODELS.get("vim_custom")(**kw).eval()
-    pruner = build_pruner({"name": "top_vim", "keep_ratio": 0.6, "prune_layers": [1]})
-    pruner.attach(model)
-    return load(save(model, tmp_path / "export", model_spec("vim_custom", kw), [pruner], input_size=(3, 32, 32)))
+    return load(pruned_vim_export(tmp_path, depth=4))
 
 
 def _dtop(tmp_path):

@@ -12,8 +12,7 @@ from compress.cli import main
 from compress.export import load, save
 from compress.models import model_spec
 from compress.pruners.base import build_pruner
-from compress.registry import MODELS
-from vit_zoo import CASES, images32 as images, pruned_vit_export as vit_export
+from vit_zoo import CASES, images32 as images, pruned_vim_export, pruned_vit_export as vit_export
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxscript", reason="ONNX tests need the onnx extra: pip install -e '.[onnx]'")
@@ -63,12 +62,7 @@ def test_static_batch_is_fixed_in_the_file(tmp_path):
 
 
 def test_vim_scan_exports_as_an_onnx_loop(tmp_path):
-    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, d_state=4, num_classes=6)
-    torch.manual_seed(0)
-    model = MODELS.get("vim_custom")(**kw).eval()
-    pruner = build_pruner({"name": "top_vim", "keep_ratio": 0.6, "prune_layers": [1]})
-    pruner.attach(model)
-    folder = save(model, tmp_path / "export", model_spec("vim_custom", kw), [pruner], input_size=(3, 32, 32))
+    folder = pruned_vim_export(tmp_path, depth=2)
     commands.deploy_export(folder, tmp_path / "vim.onnx", "onnx")
     import onnx
 

@@ -76,3 +76,15 @@ def pruned_vit_export(tmp_path, case):
 
 def images32(n, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def pruned_vim_export(tmp_path, depth):
+    """A 32 px Vim with ToP-ViM (keep 0.6 after block 1), exported to ``tmp_path / "export"``."""
+    from compress.registry import MODELS
+
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=depth, d_state=4, num_classes=6)
+    torch.manual_seed(0)
+    model = MODELS.get("vim_custom")(**kw).eval()
+    pruner = build_pruner({"name": "top_vim", "keep_ratio": 0.6, "prune_layers": [1]})
+    pruner.attach(model)
+    return export.save(model, tmp_path / "export", model_spec("vim_custom", kw), [pruner], input_size=(3, 32, 32))
