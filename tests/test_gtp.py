@@ -12,6 +12,7 @@ from compress.pruners.base import build_pruner
 from compress.pruners.token.gtp import (
     GRAPH_KEY,
     normalise_graph,
+    graph_weights,
     propagate,
     propagation_counts,
     selection_scores,
@@ -80,20 +81,45 @@ def test_selection_score_is_max_diag_times_max_column_sum():
 def test_propagation_adds_alpha_times_the_graph_weighted_tokens():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
-    graph = normalise_graph(spatial_graph((3, 3))).double().expand(2, -1, -1)
+    spatial = normalise_graph(spatial_graph((3, 3))).double()
     size = 1 + torch.rand(2, 9, generator=g, dtype=torch.float64)
     keep = torch.tensor([[0, 2, 3, 5, 6, 8], [1, 2, 3, 4, 5, 7]])
     prop = torch.tensor([[1, 4, 7], [0, 6, 8]])
-    xk, gk, sk = propagate(x, graph, keep, prop, 0.3, size)
-    for b in range(2):
-        for r, i in enumerate(keep[b].tolist()):
-            want = x[b, i] + 0.3 * sum(graph[b, i, j] * x[b, j] for j in prop[b].tolist())
-            assert torch.allclose(xk[b, r], want)
-            assert torch.isclose(sk[b, r], size[b, i] + 0.3 * sum(graph[b, i, j] * size[b, j] for j in prop[b].tolist()))
-        assert torch.equal(gk[b], graph[b][keep[b]][:, keep[b]])
-        # the size invariant that holds: the kept sizes gain alpha * (column sums of Â[kept, prop]) . s_prop
-        gain = 0.3 * (graph[b][keep[b]][:, prop[b]].sum(0) * size[b, prop[b]]).sum()
-        assert torch.isclose(sk[b].sum(), size[b, keep[b]].sum() + gain)
+    for graph in (spatial, spatial.expand(2, -1, -1) + torch.rand(2, 9, 9, generator=g, dtype=torch.float64)):
+        per_image = graph.expand(2, -1, -1)
+        w = graph_weights(graph, keep, prop)
+        for b in range(2):
+            assert torch.equal(w[b], per_image[b][keep[b]][:, prop[b]])  # Â[kept, prop] of the original graph
+        xk, sk = propagate(x, w, keep, prop, 0.3, size)
+        for b in range(2):
+            for r, i in enumerate(keep[b].tolist()):
+                want = x[b, i] + 0.3 * sum(per_image[b, i, j] * x[b, j] for j in prop[b].tolist())
+                assert torch.allclose(xk[b, r], want)
+                assert torch.isclose(sk[b, r], size[b, i] + 0.3 * sum(per_image[b, i, j] * size[b, j] for j in prop[b].tolist()))
+            # the size invariant that holds: the kept sizes gain alpha * (column sums of Â[kept, prop]) . s_prop
+            gain = 0.3 * (per_image[b][keep[b]][:, prop[b]].sum(0) * size[b, prop[b]]).sum()
+            assert torch.isclose(sk[b].sum(), size[b, keep[b]].sum() + gain)
+
+
+def test_prefix_rows_receive_nothing():
+    x = torch.randn(1, 5, 3, dtype=torch.float64)
+    keep, prop = torch.tensor([[0, 1, 3]]), torch.tensor([[2, 4]])  # row 0 is a prefix token
+    w = torch.rand(1, 2, 2, dtype=torch.float64)  # for the kept patch rows 1 and 3
+    out, _ = propagate(x, w, keep, prop, 0.5)
+    assert torch.equal(out[0, 0], x[0, 0])
+    assert torch.allclose(out[0, 1:], x[0, [1, 3]] + 0.5 * w[0] @ x[0, [2, 4]])
+
+
+def test_original_graph_addressing_matches_shrinking_the_graph_each_block():
+    """Two blocks of propagation: weights read from the original graph at original positions equal those of a
+    graph shrunk to Â[kept, kept] after the first block."""
+    graph = normalise_graph(spatial_graph((4, 4)))
+    keep1, prop1 = torch.tensor([[0, 1, 2, 4, 5, 7, 8, 9, 10, 11, 13, 14, 15]]), torch.tensor([[3, 6, 12]])
+    shrunk = graph[keep1[0]][:, keep1[0]]
+    keep2, prop2 = torch.tensor([[0, 2, 3, 5, 6, 8, 9, 10, 12]]), torch.tensor([[1, 4, 7, 11]])  # among survivors
+    want = shrunk[keep2[0]][:, prop2[0]]
+    got = graph_weights(graph, keep1.gather(1, keep2), keep1.gather(1, prop2))
+    assert torch.equal(got[0], want)
 
 
 def test_sparsity_zeroes_the_smallest_entries_without_renormalising():
@@ -185,7 +211,7 @@ def test_counts_prefix_and_token_sizes(cfg, params):
     assert state.counts == expected
     assert [a for a, _ in pruner.expected_tokens()] == expected
     n_end = n0 - sum(props)
-    assert state.index.shape[1] == n_end and state.extras[GRAPH_KEY].shape[1:] == (n_end - P, n_end - P)
+    assert state.index.shape[1] == n_end and state.extras[GRAPH_KEY].shape[-2:] == (64, 64)  # over the original patches
     assert torch.equal(state.index[:, :P], torch.arange(P).expand(3, P))  # prefix untouched, in front
     for row in state.index:
         assert len(set(row.tolist())) == row.numel() and row.min() >= 0 and row.max() < n0

@@ -10,7 +10,7 @@ Scan: d_inner 384, d_state 16, L 197 (Vim-T's 196 patches + class), batch 8, fp3
 - ``compress``: this tree's op (``selective_scan``: the chunked time-major scan and its written-out backward);
 - ``mambapy pscan``: mambapy 1.2.0's Blelloch scan (``mambapy.pscan.pscan``) with the same math around it, as
   ``mambapy.mamba.MambaBlock.selective_scan`` writes it (exp(delta*A) and delta*B*x as (B, L, D, N) tensors), autograd
-  for the backward (a bench-only dependency: ``pip install mambapy``);
+  for the backward (a bench-only dependency: ``pip install -e .[bench]``);
 - ``before``: the scan of commit ``--before`` (64-step (T, B, D, N) chunks), run in a subprocess on a ``git archive``
   of that commit (its op cannot be registered next to this one's).
 

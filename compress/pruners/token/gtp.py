@@ -6,8 +6,9 @@ symmetric normalisation Â = D^-1/2 G D^-1/2 with D the row sums) and kept in ``
 a pruning block, between attention and MLP, every patch token is scored by
 max_h A_h[i, i] * max_h sum_j A_h[j, i] (regeneration difficulty x broadcasting ability; the column
 sum runs over all rows, prefix rows included, as in the official code); the ``P`` lowest are
-propagated into the kept tokens, X_kept += alpha * Â[kept, prop] @ X_prop, and removed, and the
-graph shrinks to Â[kept, kept]. With ``token_scale`` the token sizes propagate the same way and
+propagated into the kept tokens, X_kept += alpha * Â[kept, prop] @ X_prop, and removed; the graph
+stays the one over the original tokens, addressed by the survivors' original positions (which is
+Â shrunk to Â[kept, kept] block after block). With ``token_scale`` the token sizes propagate the same way and
 weight the attention (+log size). ``theta`` < 1 zeroes the smallest (1 - theta) N^2 attention
 probabilities per image and head (no renormalisation). See docs/methods.md §4.
 """
@@ -80,24 +81,38 @@ def sparsify_attention(probs: torch.Tensor, theta: float) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def propagate(
-    x_patch: torch.Tensor, graph: torch.Tensor, keep: torch.Tensor, prop: torch.Tensor, alpha: float,
-    size_patch: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Graph summarisation on the patch tokens (B x M x C), ``graph`` B x M x M.
+def graph_weights(graph: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Â[rows, cols] for every image (B x K x P): ``graph`` is the graph over the original patch tokens, M x M
+    (the same for every image) or B x M x M; ``rows``/``cols`` are original patch positions (B x K, B x P).
 
-    Returns the kept tokens plus alpha * Â[kept, prop] @ X_prop, the graph Â[kept, kept] and the
-    sizes propagated likewise (if given). ``keep``/``prop`` are B x K / B x P indices among patches.
-    """
-    rows = tokens.take_rows(graph, keep)  # B x K x M
-    w = tokens.take_cols(rows, prop)  # B x K x P
-    new_graph = tokens.take_cols(rows, keep)
-    x_kept = tokens.take_rows(x_patch, keep)
-    x_kept = x_kept + alpha * (w.to(x_patch.dtype) @ tokens.take_rows(x_patch, prop))
-    size = None
-    if size_patch is not None:
-        size = size_patch.gather(1, keep) + alpha * (w.to(size_patch.dtype) @ size_patch.gather(1, prop).unsqueeze(-1)).squeeze(-1)
-    return x_kept, new_graph, size
+    Indexing the original graph by original positions gives what shrinking it to Â[kept, kept] block after
+    block gives (the shrunk graph is the original restricted to the survivors), while reading only the K x P
+    entries a block needs instead of copying two K x M slices of it."""
+    B, K = rows.shape
+    M = graph.shape[-1]
+    flat = graph.reshape(-1, M * M).expand(B, -1)
+    idx = (rows.unsqueeze(-1) * M + cols.unsqueeze(1)).reshape(B, -1)
+    return flat.gather(1, idx).view(B, K, cols.shape[1])
+
+
+def propagate(
+    x: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor, prop: torch.Tensor, alpha: float,
+    size: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Graph summarisation: the rows ``keep`` of ``x`` (B x N x C) plus alpha * weights @ X[prop], where
+    ``weights`` = Â[kept patches, propagated patches] (B x K' x P). ``keep`` (B x K) lists the rows that stay,
+    prefix rows first: their last K' are the patch tokens ``weights`` refers to; ``prop`` (B x P) lists the
+    propagated rows. The sizes (B x N, if given) propagate likewise. Returns (x, size) with K rows."""
+    out = tokens.take_rows(x, keep)
+    first = keep.shape[1] - weights.shape[1]  # the prefix rows, which receive nothing
+    w = weights.to(x.dtype) * alpha
+    patches = out[:, first:] + w @ tokens.take_rows(x, prop)
+    out = torch.cat([out[:, :first], patches], dim=1) if first else patches
+    if size is not None:
+        kept = size.gather(1, keep)
+        gain = (w.to(size.dtype) @ size.gather(1, prop).unsqueeze(-1)).squeeze(-1)
+        size = torch.cat([kept[:, :first], kept[:, first:] + gain], dim=1) if first else kept + gain
+    return out, size
 
 
 def propagation_counts(n0: int, num_prefix: int, props: List[int]) -> List[Tuple[int, int]]:
@@ -193,7 +208,7 @@ class GTP(TokenPruner):
                     raise CompressError(f"gtp: cannot lay {M} patch tokens on a grid for the spatial graph")
                 grid = (side, side)
             if kind == "spatial":  # the same for every image and forward: normalised once per grid and device
-                return self._spatial(grid, x_patch.device).expand(B, M, M)
+                return self._spatial(grid, x_patch.device)
             g = spatial_graph(grid, x_patch.device).unsqueeze(0).expand(B, M, M)
         sem = semantic_graph(x_patch, self.config.num_neighbours)
         return normalise_graph(sem if g is None else torch.maximum(g, sem))
@@ -231,11 +246,15 @@ class GTP(TokenPruner):
         graph = state.extras.get(GRAPH_KEY)
         if graph is None:  # alpha == 0: plain removal of the propagated tokens
             return tokens.keep_tokens(x, state, keep, sort=False)
-        size_patch = state.size[:, P:] if state.size is not None else None
-        x_kept, state.extras[GRAPH_KEY], size_kept = propagate(
-            x[:, P:], graph, keep, prop, self.config.alpha, size_patch
-        )
-        state.index = torch.cat([state.index[:, :P], state.index[:, P:].gather(1, keep)], dim=1)
-        if size_kept is not None:
-            state.size = torch.cat([state.size[:, :P], size_kept], dim=1)
-        return torch.cat([x[:, :P], x_kept], dim=1)
+        rows = torch.cat([_positions(P, x), keep + P], dim=1)  # prefix, then the kept patches in order
+        prop = prop + P
+        index = state.index.gather(1, rows)
+        # the graph is over the original patch tokens: address it by where the current ones came from
+        weights = graph_weights(graph, index[:, P:] - P, state.index.gather(1, prop) - P)
+        x, state.size = propagate(x, weights, rows, prop, self.config.alpha, state.size)
+        state.index = index
+        return x
+
+
+def _positions(n: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=x.device).expand(x.shape[0], n)
