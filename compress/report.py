@@ -134,6 +134,8 @@ def finish(ctx) -> Dict[str, Any]:
         print(metrics["bench"]["details"]["table"])
     if "storage" in metrics:
         print(storage_lines(metrics["storage"]))
+    for where, found in (metrics.get("schedules") or {}).items():
+        print(f"{where} learned: " + "; ".join(f"{k} {v}" for k, v in found.items()))
     plot = write_tradeoff_plot(ctx, metrics)
     if plot is not None:
         print(f"trade-off plot: {plot}")
@@ -152,4 +154,4 @@ def write_tradeoff_plot(ctx, metrics: Dict[str, Any]):
 
 
 def _exportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k in ("dense", "pruned", "bench", "stages")}
+    return {k: v for k, v in metrics.items() if k in ("dense", "pruned", "bench", "stages", "schedules")}

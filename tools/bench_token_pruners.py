@@ -11,6 +11,11 @@ sample (one image per class: each image is 0.1 point, about +-1.3 points of nois
 differences on the same images are tighter, and the agreement with dense and KL(dense || pruned)
 columns measure how far each pruner moves the outputs without needing labels). Speed-ups are measured against dense in the same
 process, interleaved, median of repeats. Writes tools/results/token_pruners_deit_tiny.{json,md,png}.
+
+DiffRate, which learns its schedule, has two kinds of rows: ``diffrate released`` applies the official DeiT-Tiny
+rates (public numbers) through our implementation, at the budgets they were searched for; ``diffrate`` is our
+search (``tools/search_diffrate.py``, its JSON given by ``--diffrate-schedules``), cross-fitted: each image is
+scored by the schedule searched on the other half of the images.
 """
 from __future__ import annotations
 
@@ -42,6 +47,31 @@ PRUNERS = {  # label -> spec (the budget is added)
     "gtp": {"name": "gtp"},
     "tome": {"name": "tome"},
 }
+DIFFRATE_RELEASED = "diffrate released"  # the official DeiT-Tiny rates, through our implementation
+DIFFRATE_LEARNED = "diffrate"  # our search (tools/search_diffrate.py), cross-fitted
+# OpenGVLab/DiffRate compression_rate.json, "ViT-T-DeiT": kept tokens (CLS included) after pruning / merging per block,
+# by the nominal GFLOPs they were searched for (public numbers; 0.8 is the 0.65-of-dense point of docs/peers.md)
+RELEASED_DEIT_T = {
+    "1.0": ([197, 197, 196, 194, 188, 184, 178, 164, 156, 137, 129, 21], [197, 197, 196, 190, 186, 154, 148, 156, 145, 135, 125, 21]),
+    "0.9": ([197, 197, 196, 190, 182, 166, 141, 125, 113, 105, 99, 3], [197, 196, 194, 188, 172, 147, 129, 115, 107, 103, 96, 3]),
+    "0.8": ([197, 197, 196, 186, 166, 147, 117, 103, 92, 80, 74, 3], [197, 196, 190, 172, 154, 125, 107, 96, 84, 78, 70, 3]),
+    "0.7": ([197, 196, 194, 180, 150, 123, 98, 82, 68, 60, 52, 3], [197, 196, 192, 158, 133, 103, 88, 72, 64, 58, 49, 3]),
+    "0.6": ([197, 196, 180, 157, 130, 107, 86, 73, 63, 51, 40, 3], [197, 187, 167, 139, 114, 90, 76, 66, 57, 45, 37, 3]),
+}
+
+
+def released_diffrate_specs() -> list:
+    return [{"name": "diffrate", "prune_keep": [v - 1 for v in p], "merge_keep": [v - 1 for v in m]}
+            for p, m in RELEASED_DEIT_T.values()]
+
+
+def learned_diffrate_specs(searched) -> dict:
+    """budget -> {fold: the spec searched on the other fold}, for the budgets searched on both folds."""
+    by_budget = {}
+    for s in searched["searches"]:
+        by_budget.setdefault(s["budget"], {})[s["fold"]] = {"name": "diffrate", "prune_keep": s["prune_keep"],
+                                                            "merge_keep": s["merge_keep"]}
+    return {b: f for b, f in sorted(by_budget.items(), reverse=True) if set(f) == {0, 1}}
 
 
 def speed(dense, pruned, input_size, batch_sizes, repeats, round_seconds):
@@ -159,19 +189,23 @@ def main(argv=None) -> int:
     bench_assets.add_argument(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate on this many images (default: all)")
     p.add_argument("--budgets", default="0.9,0.75,0.65,0.5")
-    p.add_argument("--pruners", default=",".join(PRUNERS), help="labels to run, from the built-in ones and --pruner")
+    p.add_argument("--pruners", default=None, help="labels to run, from the built-in ones and --pruner (default: all, "
+                   f"{DIFFRATE_RELEASED!r} and, when --diffrate-schedules exists, {DIFFRATE_LEARNED!r})")
     p.add_argument("--pruner", action="append", default=[], help="LABEL={yaml spec}: one more pruner")
     p.add_argument("--batch-sizes", default="32,1")
     p.add_argument("--repeats", type=int, default=10, help="forwards per model and batch size, at least (over 5 rounds)")
     p.add_argument("--round-seconds", type=float, default=0.5, help="each model runs at least this long in every round")
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
+    p.add_argument("--diffrate-schedules", type=Path, default=HERE / "results" / "diffrate_schedules.json",
+                   help=f"the searches of tools/search_diffrate.py, for the {DIFFRATE_LEARNED!r} rows")
     p.add_argument("--before", type=Path, help="JSON of an earlier run, shown beside this one (its \"note\" says what it was)")
     args = p.parse_args(argv)
 
     before = json.loads(args.before.read_text()) if args.before else None  # read first: a bad path fails at once
+    searched = json.loads(args.diffrate_schedules.read_text()) if args.diffrate_schedules.exists() else None
     extra = dict(bench_assets.labelled_spec(item) for item in args.pruner)
-    specs = {**PRUNERS, **extra}
-    labels = args.pruners.split(",")
+    specs = {**PRUNERS, **extra, DIFFRATE_RELEASED: {}, **({DIFFRATE_LEARNED: {}} if searched else {})}
+    labels = args.pruners.split(",") if args.pruners else [*PRUNERS, DIFFRATE_RELEASED, *([DIFFRATE_LEARNED] if searched else [])]
     labels += [label for label in extra if label not in labels]
     unknown = [label for label in labels if label not in specs]
     if unknown:
@@ -194,20 +228,41 @@ def main(argv=None) -> int:
               "dense": {"gmacs": measure.count_gmacs(dense, example), "top1": acc["top1"]["dense"], "top5": acc["top5"]["dense"]},
               "rows": []}
     print(f"dense: top-1 {result['dense']['top1']:.1f}, {result['dense']['gmacs']:.3f} GMACs", flush=True)
+    def add_row(label, budget, spec, models, logits, note=None):
+        stats = bench_assets.paired(dense_logits, logits, labels_y)
+        gmacs = statistics.mean(measure.count_gmacs(m, example) for m in models)
+        speedup, rounds, prof = speed(dense, models[0], input_size, sizes, args.repeats, args.round_seconds)
+        row = {"pruner": label, "budget": budget, "spec": spec, "gmacs": gmacs, "gmacs_ratio": gmacs / result["dense"]["gmacs"],
+               "top1": stats["top1"]["pruned"], "top5": stats["top5"]["pruned"], "paired": stats, "speedup": speedup,
+               "speedup_rounds": rounds, "profile": prof, **({"note": note} if note else {})}
+        result["rows"].append(row)
+        print(f"{label} @ {budget}: top-1 {row['top1']:.1f}, agreement {stats['agreement']:.1f}, GMACs ratio {row['gmacs_ratio']:.3f}, "
+              "speed-up " + ", ".join(f"{v:.2f}x @{bs}" for bs, v in speedup.items()), flush=True)
+
+    def attached(spec):
+        pruned = copy.deepcopy(dense)
+        build_pruner(spec).attach(pruned)
+        return pruned
+
     for label in labels:
+        if label == DIFFRATE_RELEASED:
+            for spec in released_diffrate_specs():
+                pruned = attached(spec)
+                budget = round(pruned._compress_tokens.policy.expected_macs_ratio(), 2)
+                add_row(label, budget, spec, [pruned], bench_assets.logits(pruned, data))
+            continue
+        if label == DIFFRATE_LEARNED:
+            for budget, folds in learned_diffrate_specs(searched).items():
+                models = [attached(folds[f]) for f in (0, 1)]
+                fold_logits = [bench_assets.logits(m, data) for m in models]
+                logits = torch.where((labels_y % 2 == 0).unsqueeze(1), fold_logits[0], fold_logits[1])
+                add_row(label, budget, folds, models, logits,
+                        note="each image scored by the schedule searched on the other fold; speed of fold 0's schedule")
+            continue
         for budget in (float(b) for b in args.budgets.split(",")):
-            pruned = copy.deepcopy(dense)
             spec = {**specs[label], "target_gmacs_ratio": budget}
-            build_pruner(spec).attach(pruned)
-            stats = bench_assets.paired(dense_logits, bench_assets.logits(pruned, data), labels_y)
-            gmacs = measure.count_gmacs(pruned, example)
-            speedup, rounds, prof = speed(dense, pruned, input_size, sizes, args.repeats, args.round_seconds)
-            row = {"pruner": label, "budget": budget, "spec": spec, "gmacs": gmacs, "gmacs_ratio": gmacs / result["dense"]["gmacs"],
-                   "top1": stats["top1"]["pruned"], "top5": stats["top5"]["pruned"], "paired": stats, "speedup": speedup,
-                   "speedup_rounds": rounds, "profile": prof}
-            result["rows"].append(row)
-            print(f"{label} @ {budget}: top-1 {row['top1']:.1f}, agreement {stats['agreement']:.1f}, GMACs ratio {row['gmacs_ratio']:.3f}, "
-                  "speed-up " + ", ".join(f"{v:.2f}x @{bs}" for bs, v in speedup.items()), flush=True)
+            pruned = attached(spec)
+            add_row(label, budget, spec, [pruned], bench_assets.logits(pruned, data))
     result["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

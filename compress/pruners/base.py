@@ -48,6 +48,16 @@ class Pruner:
         return figures worth logging. See ``calibration``."""
         return None
 
+    def training_loss(self) -> Optional[Tuple[Any, Dict[str, float]]]:
+        """A term to add to the task's loss after each training forward (e.g. a budget penalty on what the
+        pruner learns), with figures to log, or None (default)."""
+        return None
+
+    def learned(self) -> Optional[Dict[str, Any]]:
+        """What a training stage settled for this pruner (e.g. a searched schedule), or None (default): the runner
+        records it in metrics.json under "schedules" and the report prints it."""
+        return None
+
     def callbacks(self) -> List[Any]:
         """Lightning callbacks through which the pruner acts during training (default: none)."""
         return []

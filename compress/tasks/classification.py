@@ -54,6 +54,7 @@ class ClassificationTask(StageModule):
             kd = kd_loss(logits, t_logits, cfg.temperature)
             self.log("train/kd", kd)
             loss = (1 - cfg.alpha) * loss + cfg.alpha * kd
+        loss = self.with_pruner_losses(loss)
         self.train_metrics.update(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss

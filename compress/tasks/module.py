@@ -64,6 +64,19 @@ class StageModule(pl.LightningModule):
         if self._teacher:
             self._teacher[0].to(self.device)
 
+    def with_pruner_losses(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` plus every attached pruner's ``training_loss`` of this step (each logged)."""
+        for pruner in self.pruners:
+            term = pruner.training_loss()
+            if term is None:
+                continue
+            value, logs = term
+            loss = loss + value
+            self.log(f"train/{pruner.name}_loss", value)
+            for k, v in logs.items():
+                self.log(f"train/{pruner.name}_{k}", v, prog_bar=True)
+        return loss
+
     def epoch_metrics(self) -> dict:
         """The training metrics of the epoch so far (for progress lines); default none."""
         return {}

@@ -68,6 +68,7 @@ class SegmentationModule(StageModule):
         policy = token_pruner(model)
         if policy is not None and getattr(policy, "last", None):
             self.log("train/exited", float(policy.last["exit_fraction"].sum(1).mean()), prog_bar=True)
+        loss = self.with_pruner_losses(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

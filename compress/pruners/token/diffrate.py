@@ -1,0 +1,389 @@
+"""DiffRate (Chen et al., ICCV 2023): differentiable compression rates, searched with the ViT frozen.
+
+In every block after the first, between attention and MLP, the patch tokens are ranked by the CLS
+token's attention to them (mean over heads). The first ``prune_keep`` stay, the rest are dropped;
+of those, the ones ranked after ``merge_keep`` are merged into their most cosine-similar token among
+the first ``merge_keep`` (the metric is the block's features; prefix tokens neither merge nor
+receive), their sizes weighted by that similarity (the paper's similarity-aware proportional
+attention, +log size on the logits). Only the MLP and later blocks see fewer tokens.
+
+The per-block counts are learned (when no ``prune_keep``/``merge_keep`` are given, in a training
+stage: a ``prune`` stage with ``max_steps``): each block holds a categorical distribution over the candidate
+counts {M, M-g, ..., g}; its expectation, ceiled with a straight-through gradient, is the count, and
+a token at rank j is kept with probability P(count > j), the hard 0/1 mask taking that gradient
+(STE). During the search no token is dropped: removed ones are masked out of every later softmax,
+and the loss is the task's plus ``flops_weight * (GMACs - target GMACs)^2``. Only the distributions
+train (the stage's optimizer sees nothing else), and at the end of the stage they become fixed
+``prune_keep`` / ``merge_keep`` lists, which the export records and ``compress.load`` replays. See
+docs/methods.md §B2. Written from the paper and that spec (no code reuse).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from compress import tokens
+from compress.errors import CompressError
+from compress.pruners.base import PrunerConfig
+from compress.pruners.token.base import TokenPruner
+from compress.registry import register_pruner
+
+RATES = "diffrate_rates"  # the submodule that holds the distributions on the model while they are searched
+
+
+# ---- the method's pieces ---------------------------------------------------------------------
+
+
+class _CeilSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def min_ste(n: torch.Tensor, *counts: torch.Tensor) -> torch.Tensor:
+    """min(n, counts...) whose gradient reaches every count (not n), as the paper's FLOPs count has it: the
+    tokens left after a block depend on both its pruning and its merging rate."""
+    hard = torch.stack([n.detach(), *[c.detach() for c in counts]]).min()
+    total = sum(counts)
+    return hard + (total - total.detach())
+
+
+class KeptCount(nn.Module):
+    """A categorical distribution over candidate kept counts {M, M-g, ..., g} of M patch tokens."""
+
+    def __init__(self, m: int, granularity: int):
+        super().__init__()
+        candidates = torch.arange(m, 0, -granularity, dtype=torch.float32)
+        self.register_buffer("candidates", candidates, persistent=False)
+        # kept[c, j] = 1 where rank j survives candidate c: P(rank j kept) = probs @ kept
+        self.register_buffer("kept", (torch.arange(m)[None, :] < candidates[:, None]).float(), persistent=False)
+        self.logits = nn.Parameter(torch.zeros(len(candidates)))
+
+    def count(self) -> torch.Tensor:
+        """The expected count, ceiled (a float tensor with a straight-through gradient)."""
+        return _CeilSTE.apply(self.logits.softmax(-1) @ self.candidates)
+
+    def mask(self, keep: int, upto: int) -> torch.Tensor:
+        """0/1 over the M ranks: 0 on [keep, upto), where this block removes tokens, 1 elsewhere (earlier blocks'
+        removals are in their own masks); its gradient is that of P(rank kept)."""
+        p = self.logits.softmax(-1) @ self.kept
+        rank = torch.arange(p.shape[0], device=p.device)
+        hard = ((rank < keep) | (rank >= upto)).to(p.dtype)
+        return hard + (p - p.detach())
+
+
+class Rates(nn.Module):
+    """Every block's pruning and merging distributions (block 0 is never compressed)."""
+
+    def __init__(self, depth: int, m: int, granularity: int):
+        super().__init__()
+        self.prune = nn.ModuleList([KeptCount(m, granularity) for _ in range(depth - 1)])
+        self.merge = nn.ModuleList([KeptCount(m, granularity) for _ in range(depth - 1)])
+
+    def counts(self) -> Tuple[List[int], List[int]]:
+        """The hard (prune, merge) counts per block, non-increasing as the forward applies them."""
+        m = int(self.prune[0].kept.shape[1])
+        prune, merge, alive = [m], [m], m
+        with torch.no_grad():
+            for p, q in zip(self.prune, self.merge):
+                kp = min(alive, int(p.count()))
+                km = min(kp, int(q.count()))
+                prune.append(kp)
+                merge.append(km)
+                alive = km
+        return prune, merge
+
+
+def importance(q: torch.Tensor, k: torch.Tensor, size_bias: Optional[torch.Tensor], num_prefix: int) -> torch.Tensor:
+    """The CLS token's attention to the patch tokens, mean over heads (B x M), from its query alone: the block's
+    attention stays fused (q, k: B x H x N x d; ``size_bias``: B x 1 x 1 x N or None)."""
+    logits = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if size_bias is not None:
+        logits = logits + size_bias
+    return logits.softmax(-1)[:, :, 0, num_prefix:].mean(1)
+
+
+def merge_similar(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every ``src`` row (B x S positions in ``x``, B x N x C) joins its most cosine-similar ``dst`` row (B x D
+    positions): the destination becomes the plain mean of itself and its sources, and its size gains each
+    source's size times their similarity (clamped at 0). Returns full-length (x, size); the caller drops ``src``."""
+    unit = x.detach().float()
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim, best = (tokens.take_rows(unit, src) @ tokens.take_rows(unit, dst).transpose(1, 2)).max(-1)  # B x S
+    target = dst.gather(1, best)
+    ones = torch.ones_like(sim, dtype=x.dtype)
+    count = tokens.add_rows(torch.ones_like(size, dtype=x.dtype), target, ones)
+    x = tokens.add_rows(x, target, tokens.take_rows(x, src)) / count.unsqueeze(-1)
+    size = size.scatter_add(1, target, size.gather(1, src) * sim.clamp_min(0).to(size.dtype))
+    return x, size
+
+
+def scaled_counts(prune: List[int], merge: List[int], factor: float, m: int) -> Tuple[List[int], List[int]]:
+    """Both schedules' counts after block 0 times ``factor`` (between 1 and ``m``; block 0 stays dense)."""
+    def scale(counts):
+        return counts[:1] + [min(m, max(1, round(c * factor))) for c in counts[1:]]
+
+    return scale(prune), scale(merge)
+
+
+def counts_tokens(num_prefix: int, prune: List[int], merge: List[int]) -> List[Tuple[int, int]]:
+    """(tokens in attention, tokens in MLP) per block for the patch counts kept."""
+    n, out = None, []
+    for kp, km in zip(prune, merge):
+        m = kp if n is None else n
+        out.append((num_prefix + m, num_prefix + min(m, kp, km)))
+        n = min(m, kp, km)
+    return out
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+class DiffRateConfig(PrunerConfig):
+    target_gmacs_ratio: Optional[float] = Field(
+        0.65, gt=0, le=1, description="the budget the search aims at: the blocks' MACs relative to dense")
+    prune_keep: Optional[List[int]] = Field(
+        None, description="a fixed schedule instead of a search: patch tokens kept after pruning in each block "
+        "(DiffRate's released prune_kept_num minus the CLS token)")
+    merge_keep: Optional[List[int]] = Field(
+        None, description="with prune_keep: patch tokens left after merging in each block")
+    granularity: int = Field(4, ge=1, description="search: the step between candidate counts (the paper: 4)")
+    flops_weight: float = Field(5.0, ge=0, description="search: lambda of lambda * (GMACs - target GMACs)^2")
+    prop_attn: bool = Field(True, description="proportional attention (+log size)")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if (self.prune_keep is None) != (self.merge_keep is None):
+            raise ValueError("give prune_keep and merge_keep together")
+        if self.prune_keep is not None:
+            if len(self.prune_keep) != len(self.merge_keep):
+                raise ValueError(f"prune_keep has {len(self.prune_keep)} entries, merge_keep {len(self.merge_keep)}")
+            if any(v < 1 for v in self.prune_keep + self.merge_keep):
+                raise ValueError("kept counts must be >= 1")
+        return self
+
+
+@register_pruner("diffrate")
+class DiffRate(TokenPruner):
+    """Prune inattentive and merge similar tokens at per-block counts learned at a GMACs budget."""
+
+    name = "diffrate"
+    Config = DiffRateConfig
+
+    def __init__(self, config=None, **params):
+        super().__init__(config, **params)
+        self.prop_attn = bool(self.config.prop_attn)
+        self.rates: Optional[Rates] = None
+        self._trainable: Dict[str, bool] = {}
+
+    # -- planning ---------------------------------------------------------------------------
+    def plan(self, geometry) -> None:
+        cfg, depth, m = self.config, geometry["depth"], geometry["num_patches"]
+        if cfg.prune_keep is not None:
+            if len(cfg.prune_keep) != depth:
+                raise CompressError(f"diffrate.prune_keep: {len(cfg.prune_keep)} entries for a {depth}-block model")
+            self.prune_keep = [min(m, v) for v in cfg.prune_keep]
+            self.merge_keep = [min(m, v) for v in cfg.merge_keep]
+        else:
+            self.prune_keep = self.merge_keep = None
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        if self.prune_keep is None:  # to be searched by a training stage (``callbacks``)
+            g = self.geometry
+            self.rates = Rates(g["depth"], g["num_patches"], self.config.granularity)
+            self.rates.to(next(model.parameters()).device).train(False)  # model.train() in the stage turns it on
+
+    def detach(self, model: nn.Module) -> None:
+        self._end_search(model)
+        super().detach(model)
+
+    def _start_search(self, model: nn.Module) -> None:
+        """The distributions join the model, so the stage's optimizer trains them; the model's weights freeze."""
+        if self.rates is None or getattr(model, RATES, None) is self.rates:
+            return
+        self._trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        model.add_module(RATES, self.rates)
+        self.rates.train(model.training)  # Lightning sets the mode of the modules it found before; this one is new
+
+    def _end_search(self, model: nn.Module) -> None:
+        """Fix the counts the distributions reached and give the model back its trainable weights."""
+        if self.rates is None:
+            return
+        self.prune_keep, self.merge_keep = self.fit_budget(*self.rates.counts())
+        if getattr(model, RATES, None) is self.rates:
+            delattr(model, RATES)
+            for n, p in model.named_parameters():
+                p.requires_grad_(self._trainable.get(n, True))
+        self.rates = None
+
+    def fit_budget(self, prune: List[int], merge: List[int]) -> Tuple[List[int], List[int]]:
+        """The searched counts scaled by one factor so the blocks' MACs ratio meets the budget: the penalty
+        only pulls the expectation towards it (on DeiT-Tiny it ended 0.03 above), and rows compared at equal
+        GMACs must be at equal GMACs. The shape the search found is kept."""
+        g, target = self.geometry, self.config.target_gmacs_ratio
+        num_prefix, m = g["num_prefix"], g["num_patches"]
+
+        def ratio(f: float) -> float:
+            return tokens.schedule_macs_ratio(g, counts_tokens(num_prefix, *scaled_counts(prune, merge, f, m)))
+
+        if target is None or abs(ratio(1.0) - target) < 0.002:
+            return prune, merge
+        f = tokens.solve_monotone(ratio, target, 0.0, float(m))
+        return scaled_counts(prune, merge, f, m)
+
+    def finalize(self, model: nn.Module) -> Dict[str, Any]:
+        self._end_search(model)
+        return {}
+
+    def pinned(self) -> dict:
+        prune, merge = self.counts()
+        return {"prune_keep": prune, "merge_keep": merge, "target_gmacs_ratio": None}
+
+    def learned(self) -> Optional[Dict[str, Any]]:
+        if self.prune_keep is None or self.config.prune_keep is not None:
+            return None  # nothing searched (a given schedule)
+        prune, merge = self.counts()
+        return {"prune_keep": prune, "merge_keep": merge, "macs_ratio": round(self.expected_macs_ratio(), 4)}
+
+    def counts(self) -> Tuple[List[int], List[int]]:
+        return self.rates.counts() if self.rates is not None else (list(self.prune_keep), list(self.merge_keep))
+
+    def expected_tokens(self) -> list:
+        return counts_tokens(self.geometry["num_prefix"], *self.counts())
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {} if self.rates is not None else {"prune_keep": self.prune_keep, "merge_keep": self.merge_keep}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("prune_keep") is not None:  # the search had ended with these counts
+            self.rates = None
+            self.prune_keep, self.merge_keep = list(state["prune_keep"]), list(state["merge_keep"])
+
+    def callbacks(self) -> List[Any]:
+        import lightning.pytorch as pl
+
+        pruner = self
+
+        class _Search(pl.Callback):
+            def setup(self, trainer, module, stage):  # before the optimizer is made
+                pruner._start_search(module.model)
+
+            def on_train_end(self, trainer, module):
+                pruner._end_search(module.model)
+
+        return [_Search()]
+
+    # -- the search's loss ------------------------------------------------------------------------
+    def training_loss(self) -> Optional[Tuple[torch.Tensor, Dict[str, float]]]:
+        """flops_weight * (GMACs - target)^2 of the last (training) forward's expected counts."""
+        macs = getattr(self, "_macs", None)
+        if macs is None:
+            return None
+        self._macs = None
+        g = self.geometry
+        n0 = g["num_patches"] + g["num_prefix"]
+        dense = g["depth"] * tokens.block_macs(n0, n0, g["dim"], g["mlp_hidden"])
+        gmacs, target = macs / 1e9, self.config.target_gmacs_ratio * dense / 1e9
+        return self.config.flops_weight * (gmacs - target) ** 2, {"gmacs_ratio": float(macs.detach() / dense)}
+
+    # -- per forward ----------------------------------------------------------------------
+    @property
+    def searching(self) -> bool:
+        return self.rates is not None and self.rates.training and torch.is_grad_enabled()
+
+    def needs(self, layer: int) -> Optional[str]:
+        if self.searching:
+            return "probs"
+        return "keys" if layer > 0 else None
+
+    def begin(self, x, state) -> None:
+        state.size = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
+        if self.searching:
+            state.extras["mask"] = torch.ones(x.shape[:2], device=x.device, dtype=x.dtype)
+            state.extras["alive"] = x.shape[1] - state.num_prefix
+            n = torch.tensor(float(x.shape[1] - state.num_prefix), device=x.device)
+            state.extras["n"] = n
+            g = self.geometry
+            state.extras["macs"] = tokens.block_macs(x.shape[1], x.shape[1], g["dim"], g["mlp_hidden"]) * torch.ones((), device=x.device)
+        else:
+            self._prune, self._merge = self.counts()
+
+    def edit_probs(self, layer, probs, state):
+        mask = state.extras.get("mask")
+        if mask is None:
+            return probs
+        # tokens removed so far stop receiving attention; each still attends to itself (the paper's softmax policy)
+        m = mask[:, None, None, :].to(probs.dtype)
+        eye = torch.eye(probs.shape[-1], device=probs.device, dtype=probs.dtype)
+        w = probs * (m + (1 - m) * eye)
+        return (w + 1e-6 / probs.shape[-1]) / (w.sum(-1, keepdim=True) + 1e-6)
+
+    def after_attn(self, layer, x, info, state):
+        if layer == 0:
+            return x
+        if self.searching:
+            return self._search_step(layer, x, info, state)
+        P = state.num_prefix
+        m = x.shape[1] - P
+        kp = min(m, self._prune[layer])
+        km = min(kp, self._merge[layer])
+        if km >= m:
+            return x
+        bias = state.size.log()[:, None, None, :].to(x.dtype) if self.prop_attn else None
+        order = importance(info.q, info.k, bias, P).argsort(dim=1, descending=True) + P
+        rows = torch.cat([_positions(P, x), order[:, :km]], dim=1)
+        if km < kp:
+            x, state.size = merge_similar(x, state.size, order[:, :km], order[:, km:kp])
+        state.index = state.index.gather(1, rows)
+        state.size = state.size.gather(1, rows)
+        return tokens.take_rows(x, rows)
+
+    def _search_step(self, layer, x, info, state):
+        """No token leaves: rank them, mask the removed ones for the later softmaxes, merge into the kept."""
+        P = state.num_prefix
+        probs = info.probs
+        order = probs[:, :, 0, P:].mean(1).argsort(dim=1, descending=True) + P
+        rows = torch.cat([_positions(P, x), order], dim=1)
+        x = tokens.take_rows(x, rows)
+        state.index = state.index.gather(1, rows)
+        state.size = state.size.gather(1, rows)
+        mask = state.extras["mask"].gather(1, rows)
+        alive = state.extras["alive"]
+        prune, merge = self.rates.prune[layer - 1], self.rates.merge[layer - 1]
+        kp_t, km_t = prune.count(), merge.count()
+        kp, km = int(kp_t), int(km_t)
+        ones = torch.ones(x.shape[0], P, device=x.device, dtype=mask.dtype)
+        if kp < alive:
+            mask = mask * torch.cat([ones, prune.mask(kp, alive).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
+        mid = min(alive, kp)
+        if km < mid:
+            dst = _positions(km, x) + P
+            src = torch.arange(P + km, P + mid, device=x.device).expand(x.shape[0], -1)
+            x, size = merge_similar(x, state.size.clamp_min(1), dst, src)  # sources stay, masked from now on
+            state.size = size
+            mask = mask * torch.cat([ones, merge.mask(km, mid).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
+        state.extras["mask"] = mask
+        state.extras["alive"] = min(mid, km)
+        g = self.geometry
+        n_attn = state.extras["n"]
+        n_mlp = min_ste(n_attn, kp_t, km_t)
+        state.extras["n"] = n_mlp
+        state.extras["macs"] = state.extras["macs"] + tokens.block_macs(n_attn + P, n_mlp + P, g["dim"], g["mlp_hidden"])
+        if layer == g["depth"] - 1:
+            self._macs = state.extras["macs"]
+        return x
+
+
+def _positions(n: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=x.device).expand(x.shape[0], n)

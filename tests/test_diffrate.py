@@ -1,0 +1,188 @@
+"""DiffRate: the differentiable count (straight-through ceil, rank masks), the fixed-schedule forward against a
+hand-written per-image reference, the search (only the distributions learn; the GMACs penalty moves the counts),
+and a search in a ``compress fit`` prune stage whose counts are exported and replayed by ``compress.load``."""
+import json
+import math
+
+import compress  # noqa: F401  (first: torchvision guard before timm)
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.pruners.base import build_pruner
+from compress.pruners.token.diffrate import RATES, KeptCount, counts_tokens, min_ste
+from compress.run import fit
+from conftest import QUICKSTART, only_run
+from vit_zoo import DIST, VIT, assert_unpatched, export_round_trip, images, make
+
+
+def test_count_is_the_ceiled_expectation_with_its_gradient():
+    c = KeptCount(10, 3)
+    assert c.candidates.tolist() == [10, 7, 4, 1]
+    with torch.no_grad():
+        c.logits.copy_(torch.tensor([0.0, 1.0, 2.0, 0.0]))
+    p = c.logits.softmax(-1).detach()
+    expected = float(p @ c.candidates)
+    n = c.count()
+    assert n.item() == math.ceil(expected)
+    n.backward()
+    assert torch.allclose(c.logits.grad, p * (c.candidates - expected), atol=1e-6)  # softmax Jacobian . candidates
+
+
+def test_rank_mask_is_hard_forward_and_keep_probability_backward():
+    c = KeptCount(10, 3)
+    with torch.no_grad():
+        c.logits.copy_(torch.tensor([0.5, 1.0, -1.0, 0.0]))
+    m = c.mask(4, 8)
+    assert m.tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    p = c.logits.softmax(-1).detach()
+    keep = torch.tensor([sum(float(p[i]) for i, cand in enumerate([10, 7, 4, 1]) if j < cand) for j in range(10)])
+    w = torch.randn(10)
+    (m * w).sum().backward()
+    logits = c.logits.detach().clone().requires_grad_(True)
+    probs = logits.softmax(-1)
+    own = torch.stack([probs[[i for i, cand in enumerate([10, 7, 4, 1]) if j < cand]].sum() for j in range(10)])
+    assert torch.allclose(own.detach(), keep, atol=1e-6)
+    (own * w).sum().backward()
+    assert torch.allclose(c.logits.grad, logits.grad, atol=1e-6)
+
+
+def test_min_passes_its_gradient_to_every_count():
+    n, a, b = torch.tensor(9.0), torch.tensor(7.0, requires_grad=True), torch.tensor(8.0, requires_grad=True)
+    out = min_ste(n, a, b)
+    assert out.item() == 7
+    out.backward()
+    assert a.grad.item() == 1 and b.grad.item() == 1
+
+
+def test_counts_tokens():
+    assert counts_tokens(1, [64, 50, 60, 10], [64, 40, 45, 3]) == [(65, 65), (65, 41), (41, 41), (41, 4)]
+
+
+# ---- the fixed schedule against a reference --------------------------------------------------------------
+
+
+def reference(model, x, prune, merge):
+    """The pruned forward one image at a time from the timm submodules, with the paper's rules written out."""
+    P = model.num_prefix_tokens
+    outs = []
+    for img in x:
+        t = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
+        size = torch.ones(t.shape[0])
+        for layer, blk in enumerate(model.blocks):
+            attn = blk.attn
+            n = t.shape[0]
+            q, k, v = attn.qkv(blk.norm1(t)).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)
+            a = ((q @ k.transpose(-2, -1)) * attn.scale + size.log()).softmax(-1)  # proportional attention
+            t = t + blk.ls1(attn.proj((a @ v).transpose(0, 1).reshape(n, -1)))
+            m = n - P
+            kp, km = min(m, prune[layer]), min(m, prune[layer], merge[layer])
+            if layer > 0 and km < m:
+                cls_attn = a[:, 0, P:].mean(0)
+                order = sorted(range(m), key=lambda i: -float(cls_attn[i]))
+                dst, src = order[:km], order[km:kp]
+                unit = F.normalize(t, dim=-1)
+                members = {d: [t[P + d]] for d in dst}
+                sizes = {d: size[P + d] for d in dst}
+                for s in src:
+                    sims = [float(unit[P + s] @ unit[P + d]) for d in dst]
+                    j = max(range(len(dst)), key=lambda i: sims[i])
+                    members[dst[j]].append(t[P + s])
+                    sizes[dst[j]] = sizes[dst[j]] + size[P + s] * max(sims[j], 0.0)
+                t = torch.cat([t[:P], torch.stack([torch.stack(members[d]).mean(0) for d in dst])])
+                size = torch.cat([size[:P], torch.stack([sizes[d] for d in dst])])
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        outs.append(model.forward_head(model.norm(t[None])))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("cfg", [VIT, DIST], ids=["vit", "distilled"])
+def test_fixed_schedule_matches_the_reference(cfg):
+    model, x = make(cfg), images(3)
+    depth = len(model.blocks)
+    prune, merge = [64, 50, 48, 20][:depth], [64, 40, 44, 6][:depth]
+    pruner = build_pruner({"name": "diffrate", "prune_keep": prune, "merge_keep": merge})
+    with torch.no_grad():
+        want = reference(model, x, prune, merge)
+        pruner.attach(model)
+        got = model(x)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    P = model.num_prefix_tokens
+    assert model._compress_tokens.state.counts == [a for a, _ in counts_tokens(P, prune, merge)]
+    state = model._compress_tokens.state
+    assert torch.equal(state.index[:, :P], torch.arange(P).expand(3, P))
+    for row in state.index:
+        assert len(set(row.tolist())) == row.numel()
+    export_round_trip(model, pruner, cfg, x, _tmp(model))
+    pruner.detach(model)
+    assert_unpatched(model)
+
+
+def _tmp(model):
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp()) / "export"
+
+
+def test_schedule_lengths_are_checked():
+    with pytest.raises(compress.CompressError, match="prune_keep and merge_keep together"):
+        build_pruner({"name": "diffrate", "prune_keep": [4, 4]})
+    pruner = build_pruner({"name": "diffrate", "prune_keep": [4, 4], "merge_keep": [4, 4]})
+    with pytest.raises(compress.CompressError, match="2 entries for a 4-block model"):
+        pruner.attach(make(VIT))
+
+
+# ---- the search -------------------------------------------------------------------------------------------
+
+
+def test_search_trains_only_the_distributions_toward_the_budget():
+    model, x = make(VIT), images(4)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.9, "granularity": 2, "flops_weight": 1e4})
+    pruner.attach(model)
+    pruner._start_search(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"{RATES}.{kind}.{i}.logits" for kind in ("prune", "merge") for i in range(3)]
+    start = pruner.expected_macs_ratio()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0)
+    for _ in range(40):
+        out = model(x)
+        assert model._compress_tokens.state.counts == [65] * 4  # nothing leaves during the search
+        loss, logs = pruner.training_loss()
+        (loss + 0 * out.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert abs(logs["gmacs_ratio"] - 0.9) < abs(start - 0.9) / 2, (start, logs)
+    model.eval()
+    pruner._end_search(model)
+    assert not hasattr(model, RATES) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert abs(pruner.expected_macs_ratio() - 0.9) < abs(start - 0.9)
+    with torch.no_grad():
+        model(x)
+    assert model._compress_tokens.state.counts == [a for a, _ in pruner.expected_tokens()]
+
+
+def test_search_runs_as_a_prune_stage_and_its_counts_are_exported(tmp_path):
+    metrics = fit(QUICKSTART, ["data.params.num_train=64", "data.params.num_val=32", "model.kwargs.depth=4",
+                               "data.batch_size=16", "evaluate.batch_size=4",
+                               "trainer.log_every_n_steps=1", "stages=[{kind: prune, max_steps: 4, optimizer: {lr: 0.05, weight_decay: 0.0}, "
+                               "pruner: {name: diffrate, target_gmacs_ratio: 0.7}}]"], out=tmp_path)
+    run_dir = only_run(tmp_path)
+    (entry,) = json.loads((run_dir / "export" / "compress.json").read_text())["pruners"]
+    spec = entry["spec"]
+    assert spec["target_gmacs_ratio"] is None and len(spec["prune_keep"]) == 4 and len(spec["merge_keep"]) == 4
+    assert spec["prune_keep"] != [64] * 4  # the search left a schedule that removes tokens
+    log = (run_dir / "stages" / "0-prune" / "logs" / "metrics.csv").read_text()
+    assert "train/diffrate_gmacs_ratio" in log  # the penalty's figures are logged with the task's
+    found = metrics["schedules"]["stages[0].pruner"]
+    assert found["prune_keep"] == spec["prune_keep"] and found["merge_keep"] == spec["merge_keep"]
+    loaded = compress.load(run_dir / "export")
+    assert not any(k.startswith(RATES) for k in loaded.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loaded(x)
+    assert loaded._compress_tokens.state.counts == [a for a, _ in counts_tokens(1, spec["prune_keep"], spec["merge_keep"])]
