@@ -40,6 +40,7 @@ class AttnInfo:
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     probs: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None  # what was added to the logits (+log size), B x 1 x 1 x N, if anything
 
 
 class TokenPolicy:
@@ -124,7 +125,7 @@ class PrunableAttention(Attention):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
             )
-        info.q, info.k = q, k
+        info.q, info.k, info.bias = q, k, bias
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(out)))
 
@@ -260,6 +261,12 @@ def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Ten
     return x.reshape(B * N, *rest).index_add(0, _flat_rows(idx, N), src.reshape(-1, *rest)).view(x.shape)
 
 
+def positions(start: int, stop: int, x: torch.Tensor, step: int = 1) -> torch.Tensor:
+    """The positions ``start, start + step, ... < stop`` for every image of ``x`` (B x K long, expanded, not copied):
+    the prefix rows, or a run of ranks, in an index that token pruners gather with."""
+    return torch.arange(start, stop, step, device=x.device).expand(x.shape[0], -1)
+
+
 def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor, sort: bool = True) -> torch.Tensor:
     """Keep the prefix tokens plus the patch tokens at ``keep`` (B x K, indices among patch tokens).
 
@@ -269,8 +276,7 @@ def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor, sort: bo
     if sort:
         keep = keep.sort(dim=1).values
     idx = keep + P
-    prefix = torch.arange(P, device=x.device).unsqueeze(0).expand(x.shape[0], P)
-    full = torch.cat([prefix, idx], dim=1)
+    full = torch.cat([positions(0, P, x), idx], dim=1)
     state.index = state.index.gather(1, full)
     if state.size is not None:
         state.size = state.size.gather(1, full)

@@ -340,9 +340,8 @@ class DiffRate(TokenPruner):
         km = min(kp, self._merge[layer])
         if km >= m:
             return x
-        bias = state.size.log()[:, None, None, :].to(x.dtype) if self.prop_attn else None
-        order = importance(info.q, info.k, bias, P).argsort(dim=1, descending=True) + P
-        rows = torch.cat([_positions(P, x), order[:, :km]], dim=1)
+        order = importance(info.q, info.k, info.bias, P).argsort(dim=1, descending=True) + P  # the attention's own +log size
+        rows = torch.cat([tokens.positions(0, P, x), order[:, :km]], dim=1)
         if km < kp:
             x, state.size = merge_similar(x, state.size, order[:, :km], order[:, km:kp])
         state.index = state.index.gather(1, rows)
@@ -354,7 +353,7 @@ class DiffRate(TokenPruner):
         P = state.num_prefix
         probs = info.probs
         order = probs[:, :, 0, P:].mean(1).argsort(dim=1, descending=True) + P
-        rows = torch.cat([_positions(P, x), order], dim=1)
+        rows = torch.cat([tokens.positions(0, P, x), order], dim=1)
         x = tokens.take_rows(x, rows)
         state.index = state.index.gather(1, rows)
         state.size = state.size.gather(1, rows)
@@ -368,8 +367,7 @@ class DiffRate(TokenPruner):
             mask = mask * torch.cat([ones, prune.mask(kp, alive).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
         mid = min(alive, kp)
         if km < mid:
-            dst = _positions(km, x) + P
-            src = torch.arange(P + km, P + mid, device=x.device).expand(x.shape[0], -1)
+            dst, src = tokens.positions(P, P + km, x), tokens.positions(P + km, P + mid, x)
             x, size = merge_similar(x, state.size.clamp_min(1), dst, src)  # sources stay, masked from now on
             state.size = size
             mask = mask * torch.cat([ones, merge.mask(km, mid).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
@@ -383,7 +381,3 @@ class DiffRate(TokenPruner):
         if layer == g["depth"] - 1:
             self._macs = state.extras["macs"]
         return x
-
-
-def _positions(n: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(n, device=x.device).expand(x.shape[0], n)

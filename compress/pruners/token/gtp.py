@@ -246,7 +246,7 @@ class GTP(TokenPruner):
         graph = state.extras.get(GRAPH_KEY)
         if graph is None:  # alpha == 0: plain removal of the propagated tokens
             return tokens.keep_tokens(x, state, keep, sort=False)
-        rows = torch.cat([_positions(P, x), keep + P], dim=1)  # prefix, then the kept patches in order
+        rows = torch.cat([tokens.positions(0, P, x), keep + P], dim=1)  # prefix, then the kept patches in order
         prop = prop + P
         index = state.index.gather(1, rows)
         # the graph is over the original patch tokens: address it by where the current ones came from
@@ -254,7 +254,3 @@ class GTP(TokenPruner):
         x, state.size = propagate(x, weights, rows, prop, self.config.alpha, state.size)
         state.index = index
         return x
-
-
-def _positions(n: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(n, device=x.device).expand(x.shape[0], n)

@@ -65,12 +65,8 @@ def bipartite_merge(
     weight = (s_src / merged.gather(1, dst)).to(x.dtype).unsqueeze(-1)
     x = tokens.add_rows(x, dst, (tokens.take_rows(x, src) - tokens.take_rows(x, dst)) * weight)
     # output order: prefix, the unmerged A tokens in original order, B
-    perm = torch.cat([_positions(0, P, 1, x), order[:, r:].sort(dim=1).values * 2 + a0, _positions(b0, N, 2, x)], dim=1)
+    perm = torch.cat([tokens.positions(0, P, x), order[:, r:].sort(dim=1).values * 2 + a0, tokens.positions(b0, N, x, 2)], dim=1)
     return tokens.take_rows(x, perm), merged.gather(1, perm), index.gather(1, perm)
-
-
-def _positions(start: int, stop: int, step: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(start, stop, step, device=x.device).expand(x.shape[0], -1)
 
 
 def merged_counts(n0: int, num_prefix: int, rs: List[int]) -> List[Tuple[int, int]]:
