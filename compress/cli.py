@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("pruners", help="list registered pruners with their parameters and defaults")
     sub.add_parser("recipes", help="list bundled recipes")
+    sc = sub.add_parser("schema", help="print the recipe JSON schema (every registered pruner's keys) for an editor")
+    sc.add_argument("--out", type=Path, help="write it to this file instead of stdout")
     return p
 
 
@@ -219,8 +221,20 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    from compress import files, schema
+
+    text = schema.dumps()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        files.write_text(args.out, text)
+        print(f"wrote {args.out}")
+    return 0
+
+
 COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export,
-            "pruners": cmd_pruners, "recipes": cmd_recipes}
+            "pruners": cmd_pruners, "recipes": cmd_recipes, "schema": cmd_schema}
 
 
 def _os_error(e: OSError) -> str:
@@ -279,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         stop = e if isinstance(e, Interrupted) else Interrupted(2)
-        from compress.run import is_global_zero
+        from compress.context import is_global_zero
 
         if is_global_zero():  # every rank of a multi-process run stops; the advice is said once
             resume = f"; resume with: compress fit --resume {stop.run_dir}" if getattr(stop, "run_dir", None) else ""

@@ -11,7 +11,8 @@ import torch
 
 from compress import files
 from compress.errors import CompressError
-from compress.report import compare, table
+from compress.report import compare
+from compress.tables import table
 
 
 def _input_size(model, manifest: Optional[Dict[str, Any]] = None) -> tuple:
@@ -52,7 +53,7 @@ def evaluate_export(checkpoint: Path, data: str, split: str, limit: Optional[int
     task = Task.for_source(source)
     task.check_model(model, f"--data: {checkpoint} on {kind}")
     ds = source.dataset(split, model, train=False)
-    from compress.run import data_workers
+    from compress.context import data_workers
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=data_workers(workers))
     results = task.evaluate(model, loader, device)
@@ -86,7 +87,7 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     from compress.models import build_model
     from compress.pruners.base import build_pruner
     from compress.recipe import load_recipe
-    from compress.run import build_source
+    from compress.context import build_source
     from compress.tasks.base import Task
 
     recipe = load_recipe(recipe_path, overrides)
@@ -235,13 +236,14 @@ def export_run(run_dir: Path, out: Path) -> Path:
     """Copy a run's export; if it has none, rebuild it from the last completed stage."""
     import json
 
-    from compress.export import read_manifest
+    from compress.manifest import read_manifest
     from compress.models import build_model
     from compress.report import export_context
-    from compress.run import RunContext, _restore, _resume_recipe, build_source, check_writable_dir
+    from compress.context import RunContext, build_source
+    from compress.rundir import check_writable_dir, restore, resume_recipe
     from compress.tasks.base import Task
 
-    recipe = _resume_recipe(run_dir, "--run")
+    recipe = resume_recipe(run_dir, "--run")
     if out.exists():
         raise CompressError(f"--out: {out} already exists")
     existing = run_dir / "export"
@@ -257,7 +259,7 @@ def export_run(run_dir: Path, out: Path) -> Path:
     model = build_model(recipe.model)
     source = build_source(recipe)
     ctx = RunContext(recipe, run_dir, model, source, (), task=Task.for_source(source))
-    if _restore(ctx) == 0:
+    if restore(ctx) == 0:
         raise CompressError(f"--run: {run_dir} has no completed stage to export")
     ctx.input_size = tuple(ctx.source.input_size(model))
     metrics_path = run_dir / "metrics.json"
@@ -267,8 +269,8 @@ def export_run(run_dir: Path, out: Path) -> Path:
 
 def copy_export(checkpoint: Path, out: Path) -> Path:
     """A copy of the export folder ``checkpoint`` at ``out`` (checked first; written atomically)."""
-    from compress.export import read_manifest
-    from compress.run import check_writable_dir
+    from compress.manifest import read_manifest
+    from compress.rundir import check_writable_dir
 
     read_manifest(checkpoint)
     if out.exists():
@@ -289,7 +291,7 @@ def deploy_export(checkpoint: Path, out: Path, fmt: str, dynamic_batch: bool = T
     from compress import deploy
     from compress.export import load
     from compress.registry import PRUNERS
-    from compress.run import check_writable_dir
+    from compress.rundir import check_writable_dir
     from compress.tasks.base import Task
 
     model = load(checkpoint)

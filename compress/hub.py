@@ -63,7 +63,7 @@ def card_text(manifest: Dict[str, Any], recipe_yaml: Optional[str], repo_id: str
     """The model card (``README.md``): Hub metadata, how to load it, the dense-vs-pruned table, the recipe."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from compress.report import summary_table
+    from compress.tables import summary_table
     from compress.tasks.base import Task
 
     task = Task.for_manifest(manifest)
@@ -94,7 +94,7 @@ def card_text(manifest: Dict[str, Any], recipe_yaml: Optional[str], repo_id: str
 
 def write_card(folder: Union[str, Path], repo_id: str) -> Path:
     """Write ``README.md`` (and ``tradeoff.png`` where there are figures to plot) into the export ``folder``."""
-    from compress.export import read_manifest
+    from compress.manifest import read_manifest
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -122,7 +122,7 @@ def push(folder: Union[str, Path], repo_id: str, private: bool = False, token: O
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-    from compress.export import read_manifest
+    from compress.manifest import read_manifest
 
     parse(repo_id)
     manifest = read_manifest(folder)

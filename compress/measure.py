@@ -18,7 +18,7 @@ from torch.utils import flop_counter
 _REGISTERED = False
 
 
-def _register_cpu_sdpa_formula() -> None:
+def register_cpu_sdpa_formula() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
@@ -50,7 +50,7 @@ def batch_size(example: Any) -> int:
 
 def count_gmacs(model: nn.Module, example: Any) -> float:
     """Executed GMACs per image of ``model(example)`` (eval mode, no grad)."""
-    _register_cpu_sdpa_formula()
+    register_cpu_sdpa_formula()
     was_training = model.training
     model.eval()
     counter = flop_counter.FlopCounterMode(display=False)

@@ -183,8 +183,8 @@ class TrainerConfig(Strict):
         """Lightning's forms: 'auto', N > 0, -1 (all), a list of indices, or the same as a string ('2', '-1', '0,1')."""
         text = v.strip() if isinstance(v, str) else None
         parts = [p.strip() for p in text.split(",") if p.strip()] if text and "," in text else None
-        if (text in ("auto", "-1") or (text is not None and text.isdigit() and int(text) > 0)
-                or (parts is not None and all(p.isdigit() for p in parts) and _is_index_list([int(p) for p in parts]))
+        if (text in ("auto", "-1") or (text is not None and text.isascii() and text.isdigit() and int(text) > 0)
+                or (parts is not None and all(p.isascii() and p.isdigit() for p in parts) and _is_index_list([int(p) for p in parts]))
                 or (type(v) is int and (v > 0 or v == -1)) or _is_index_list(v)):
             return v
         raise ValueError(f"{v!r} is not a device count: use 'auto', a number > 0, -1 (all), "
@@ -454,7 +454,7 @@ def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(node):  # '²'.isdigit() too
                 raise CompressError(f"--set {text}: {where}: no list item {part} (the list has {len(node)})")
             if last:
                 node[int(part)] = value

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import torch.nn as nn
 
 from compress import files, measure
+from compress.tables import summary_table, table  # noqa: F401  (the report's tables; tools import table from here)
 
 
 def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), device: str = "cpu",
@@ -42,42 +43,6 @@ def compare(dense: nn.Module, pruned: nn.Module, example, batch_sizes=(32,), dev
     return out
 
 
-def table(rows: Dict[str, Dict[str, Any]], columns) -> str:
-    """A markdown table: ``rows`` maps a row name to its values; ``columns`` are (key, title, fmt)."""
-    head = "| | " + " | ".join(title for _, title, _ in columns) + " |"
-    sep = "|---|" + "---|" * len(columns)
-    lines = [head, sep]
-    for name, vals in rows.items():
-        cells = []
-        for key, _, fmt in columns:
-            v = vals.get(key)
-            cells.append("–" if v is None else format(v, fmt))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summary_table(metrics: Dict[str, Any], columns) -> str:
-    """Dense vs pruned: the task's quality ``columns`` (see ``Task.columns``), then GMACs, params, speed."""
-    bench = metrics.get("bench") or {}
-    rows = {}
-    for name in ("dense", "pruned"):
-        quality = metrics.get(name) or {}
-        b = bench.get(name) or {}
-        speed = next(iter(b.get("speed", {}).values()), {})
-        rows[name] = {**{key: quality.get(key) for key, _, _ in columns}, "gmacs": b.get("gmacs"),
-                      "params": b["params"] / 1e6 if "params" in b else None, "ips": speed.get("images_per_s")}
-    if bench:
-        r = bench["ratios"]
-        rows["ratio"] = {"gmacs": r["gmacs"], "params": r["params"], "ips": next(iter(r["speedup"].values()))}
-        if metrics.get("dense") and metrics.get("pruned"):
-            for key, _, _ in columns:
-                if key in metrics["pruned"] and key in metrics["dense"]:
-                    rows["ratio"][key] = metrics["pruned"][key] - metrics["dense"][key]
-    bs = next(iter(bench.get("dense", {}).get("speed", {})), "?")
-    cols = [*columns, ("gmacs", "GMACs", ".4f"), ("params", "params (M)", ".3f"), ("ips", f"images/s (batch {bs})", ".1f")]
-    return table(rows, cols) + "\n(ratio row: pruned/dense for GMACs, params, images/s; difference in points for the metrics)"
-
-
 def finalize_pruners(ctx) -> list:
     """Make every pruner's decision physical (pending prunes, frozen masks); returns their structural edits."""
     return [p.finalize(ctx.model) for p in ctx.pruners]
@@ -96,7 +61,7 @@ def export_context(ctx, out, metrics: Dict[str, Any], edits=None):
 
 
 def finish(ctx) -> Dict[str, Any]:
-    from compress.run import _device, _log, evaluate_model, is_global_zero
+    from compress.context import eval_device, evaluate_model, is_global_zero, log
 
     if not is_global_zero():  # other DDP ranks: rank 0 evaluates, measures and exports
         return ctx.metrics
@@ -110,7 +75,7 @@ def finish(ctx) -> Dict[str, Any]:
             metrics["dense"] = metrics["pruned"]
     if recipe.evaluate.bench:
         dense = ctx.dense if ctx.dense is not None else model
-        dev = _device(recipe)
+        dev = eval_device(recipe)
         metrics["bench"] = compare(dense, model, lambda bs: ctx.task.example(ctx.input_size, bs, dev),
                                    (recipe.evaluate.batch_size,), dev)
         if hasattr(ctx.task, "bench_details"):  # per-expert rows of a routed diffusion model
@@ -121,7 +86,7 @@ def finish(ctx) -> Dict[str, Any]:
         out = recipe.export.dir or (ctx.run_dir / "export")
         export_context(ctx, out, metrics, edits)
         metrics["export"] = str(out)
-        _log(f"exported to {out}")
+        log(f"exported to {out}")
     from compress.pruners.weight import has_weight_pruner, storage_lines, storage_report
 
     if has_weight_pruner(ctx.pruners):  # unstructured zeros: report nonzero params and the real file size

@@ -242,6 +242,7 @@ def test_override_is_validated_like_the_file(tmp_path):
     [
         ("stages.5.epochs=1", r"stages\.5: no list item 5 \(the list has 2\)"),
         ("stages.x.epochs=1", r"stages\.x: no list item x"),
+        ("stages.\u00b2.epochs=1", r"stages\.\u00b2: no list item \u00b2"),  # a superscript two is a digit to str.isdigit
         ("name.first=1", r"name is a value, not a mapping"),
         ("seed", r"expected dotted\.key=value"),
         ("stages..epochs=1", r"empty key segment"),

@@ -201,7 +201,7 @@ def step_timer_class():
 @contextlib.contextmanager
 def extra_callbacks(callbacks: list):
     """``compress.run.fit`` with more Lightning callbacks on every stage's Trainer (the runner takes none)."""
-    from compress import run
+    from compress import stages as run  # trainer_kwargs lives with the stage runner
 
     original = run.trainer_kwargs
 

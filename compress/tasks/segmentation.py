@@ -100,9 +100,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: str = "cpu", la
     """mIoU/mAcc/aAcc, executed GMACs per image, exit fractions, latency and images/s (see the module doc)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from compress.measure import _register_cpu_sdpa_formula
+    from compress.measure import register_cpu_sdpa_formula
 
-    _register_cpu_sdpa_formula()
+    register_cpu_sdpa_formula()
     dev = torch.device(device)
     model.eval().to(dev)
     ds = loader.dataset

@@ -89,9 +89,9 @@ def find_structure(unet: nn.Module, ff_gate_groups: int = 32) -> Structure:
 def _flops_by_module(unet: nn.Module, example) -> Dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from compress.measure import _register_cpu_sdpa_formula
+    from compress.measure import register_cpu_sdpa_formula
 
-    _register_cpu_sdpa_formula()
+    register_cpu_sdpa_formula()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         unet(*example)
