@@ -138,12 +138,12 @@ def bench(checkpoint: Optional[Path], recipe: Optional[Path], overrides: List[st
     if compiled:
         results["compile"] = {name: {k: v for k, v in c.items() if k != "model"} for name, c in compiled.items()}
     results["source"] = source
-    if hasattr(task, "bench_details"):  # a task with more to say (per-expert rows of a routed diffusion export)
-        results["details"] = task.bench_details(pruned, size, batch_sizes, device, repeats, results["dense"]["gmacs"])
-    from compress.pruners.weight import has_weight_pruner, storage_report
+    from compress.pruners.base import pruner_figures
+    from compress.registry import PRUNERS
 
-    if has_weight_pruner(pruners):  # unstructured zeros: nonzero params and the real file size
-        results["storage"] = storage_report(dense, pruned, checkpoint)
+    made = [(PRUNERS.get(p["spec"]["name"]), p.get("edits")) if isinstance(p, dict) else (type(p), None) for p in pruners]
+    results.update(pruner_figures(made, dense=dense, pruned=pruned, example=example, batch_sizes=batch_sizes,
+                                  device=device, repeats=repeats, dense_gmacs=results["dense"]["gmacs"], export=checkpoint))
     results["input_size"] = list(size)
     return results
 
@@ -223,12 +223,9 @@ def bench_table(r: Dict[str, Any]) -> str:
         out += (f"\n{name}: torch.compile backend {c['backend']}, compiled in {secs}; largest difference from eager "
                 f"{worst:.1e} of the largest output; {c['graphs']} graph(s), {c['breaks']} graph break(s)")
         out += "".join(f"\n  break: {b['reason']} (at {b['at']})" for b in c["reasons"][:3])
-    if (r.get("details") or {}).get("table"):
-        out += "\n" + r["details"]["table"]
-    if "storage" in r:
-        from compress.pruners.weight import storage_lines
-
-        out += "\n" + storage_lines(r["storage"])
+    for figures in r.values():  # the pruners' own figures (see Pruner.figures)
+        if isinstance(figures, dict) and isinstance(figures.get("text"), str):
+            out += "\n" + figures["text"]
     return out
 
 

@@ -30,6 +30,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a plugin or a test that registered an entry for a while)."""
+        self._entries.pop(name, None)
+
     def _load(self) -> None:
         if self._loaded:
             return

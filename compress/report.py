@@ -78,27 +78,26 @@ def finish(ctx) -> Dict[str, Any]:
         dev = eval_device(recipe)
         metrics["bench"] = compare(dense, model, lambda bs: ctx.task.example(ctx.input_size, bs, dev),
                                    (recipe.evaluate.batch_size,), dev)
-        if hasattr(ctx.task, "bench_details"):  # per-expert rows of a routed diffusion model
-            routed = next((e for e in edits if isinstance(e, dict) and "experts" in e), None)
-            metrics["bench"]["details"] = ctx.task.bench_details(model, ctx.input_size, (recipe.evaluate.batch_size,), dev,
-                                                                 dense_gmacs=metrics["bench"]["dense"]["gmacs"], edits=routed)
     if recipe.export.enabled:
         out = recipe.export.dir or (ctx.run_dir / "export")
         export_context(ctx, out, metrics, edits)
         metrics["export"] = str(out)
         log(f"exported to {out}")
-    from compress.pruners.weight import has_weight_pruner, storage_lines, storage_report
+    from compress.pruners.base import pruner_figures
 
-    if has_weight_pruner(ctx.pruners):  # unstructured zeros: report nonzero params and the real file size
-        metrics["storage"] = storage_report(ctx.dense if ctx.dense is not None else model, model, metrics.get("export"))
+    dev = eval_device(recipe)
+    metrics.update(pruner_figures(  # the pruners' own figures (per-expert speed, the storage of zeros, ...)
+        [(type(p), e) for p, e in zip(ctx.pruners, edits)], dense=ctx.dense if ctx.dense is not None else model,
+        pruned=model, example=lambda bs: ctx.task.example(ctx.input_size, bs, dev), batch_sizes=(recipe.evaluate.batch_size,),
+        device=dev, repeats=6, dense_gmacs=(metrics.get("bench") or {}).get("dense", {}).get("gmacs"),
+        export=metrics.get("export"), timing=recipe.evaluate.bench))
     files.write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     print()
     print(f"{recipe.name}: dense vs pruned on {recipe.data.kind}:{recipe.evaluate.split}")
     print(summary_table(metrics, ctx.task.columns))
-    if (metrics.get("bench") or {}).get("details", {}).get("table"):
-        print(metrics["bench"]["details"]["table"])
-    if "storage" in metrics:
-        print(storage_lines(metrics["storage"]))
+    for figures in metrics.values():
+        if isinstance(figures, dict) and isinstance(figures.get("text"), str):
+            print(figures["text"])
     for where, found in (metrics.get("schedules") or {}).items():
         print(f"{where} learned: " + "; ".join(f"{k} {v}" for k, v in found.items()))
     plot = write_tradeoff_plot(ctx, metrics)

@@ -309,6 +309,8 @@ def vit_geometry(model: nn.Module, who: str = "token pruning") -> Dict[str, Any]
         "mlp_hidden": hidden,
         "num_prefix": num_prefix,
         "num_patches": int(grid[0] * grid[1]),
+        # the head reads the prefix tokens alone: after the last attention the patch tokens are dead weight
+        "head_reads_prefix": getattr(model, "global_pool", "token") == "token" and num_prefix > 0,
     }
 
 

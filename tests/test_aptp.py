@@ -181,7 +181,7 @@ def test_export_round_trip_rebuilds_router_and_experts(attached, tmp_path):
     assert images.shape == (1, 3, 16, 16)
 
     # the experts' fine-tune matches each expert's block outputs with the full UNet's on that expert's samples
-    from compress.tasks.block_distill import block_loss, capture_blocks, unet_blocks
+    from compress.diffusion_losses import block_loss, capture_blocks, unet_blocks
 
     full = copy.deepcopy(attached[0]).eval()
     with torch.no_grad():

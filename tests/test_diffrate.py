@@ -143,8 +143,9 @@ def test_search_trains_only_the_distributions_toward_the_budget():
     pruner = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.9, "granularity": 2, "flops_weight": 1e4})
     pruner.attach(model)
     pruner._start_search(model)
+    # blocks 1 and 2 are searched; block 3 is the last, whose patch tokens the class-token head never reads
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
-        f"{RATES}.{kind}.{i}.logits" for kind in ("prune", "merge") for i in range(3)]
+        f"{RATES}.{kind}.{i}.logits" for kind in ("prune", "merge") for i in range(2)]
     start = pruner.expected_macs_ratio()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0)
@@ -164,13 +165,55 @@ def test_search_trains_only_the_distributions_toward_the_budget():
     with torch.no_grad():
         model(x)
     assert model._compress_tokens.state.counts == [a for a, _ in pruner.expected_tokens()]
+    prune, merge = pruner.counts()
+    assert prune[-1] == merge[-1] == 0 and pruner.expected_tokens()[-1] == (pruner.expected_tokens()[-2][1], 1)
+
+
+def test_every_searched_block_learns_from_the_task_even_where_it_removes_nothing():
+    """A block whose count is above the tokens still alive removes nothing, yet its distribution must hear what
+    keeping fewer would cost (the mask's P(rank kept) gradient); the budget penalty is left out here."""
+    model, x = make(VIT), images(4)
+    pruner = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.8, "granularity": 2})
+    pruner.attach(model)
+    pruner._start_search(model)
+    model.train()
+    with torch.no_grad():  # block 1 keeps few, so block 2 binds nowhere
+        pruner.rates.prune[0].logits.copy_(torch.linspace(-4, 4, len(pruner.rates.prune[0].logits)))
+    prune, _ = pruner.rates.counts()
+    assert prune[2] >= prune[1]
+    model(x).logsumexp(-1).sum().backward()
+    pruner._macs = None
+    for kind in (pruner.rates.prune, pruner.rates.merge):
+        for c in kind:
+            assert c.logits.grad is not None and c.logits.grad.abs().sum() > 0
+
+
+def test_the_last_block_on_the_class_token_alone_is_exact():
+    """Keeping no patch token after the last attention changes no logit when the head reads the class token; a
+    search on a mean-pooling head keeps the last block searched."""
+    model, x = make(VIT), images(3)
+    m = model.patch_embed.num_patches
+    with torch.no_grad():
+        want = model(x)
+        pruner = build_pruner({"name": "diffrate", "prune_keep": [m, m, m, 0], "merge_keep": [m, m, m, 0]})
+        pruner.attach(model)
+        got = model(x)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert model._compress_tokens.state.index.shape[1] == model.num_prefix_tokens
+    assert pruner.expected_macs_ratio() < 0.95
+    pruner.detach(model)
+    pooled = make(VIT)
+    pooled.global_pool = "avg"
+    search = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.8})
+    search.attach(pooled)
+    assert len(search.rates.prune) == 3 and search.rates.final is None
 
 
 def test_search_runs_as_a_prune_stage_and_its_counts_are_exported(tmp_path):
     metrics = fit(QUICKSTART, ["data.params.num_train=64", "data.params.num_val=32", "model.kwargs.depth=4",
                                "data.batch_size=16", "evaluate.batch_size=4",
                                "trainer.log_every_n_steps=1", "stages=[{kind: prune, max_steps: 4, optimizer: {lr: 0.05, weight_decay: 0.0}, "
-                               "pruner: {name: diffrate, target_gmacs_ratio: 0.7}}]"], out=tmp_path)
+                               "pruner: {name: diffrate, target_gmacs_ratio: 0.7}, distill: {teacher: dense, alpha: 1.0}}]"], out=tmp_path)
     run_dir = only_run(tmp_path)
     (entry,) = json.loads((run_dir / "export" / "compress.json").read_text())["pruners"]
     spec = entry["spec"]
@@ -178,6 +221,7 @@ def test_search_runs_as_a_prune_stage_and_its_counts_are_exported(tmp_path):
     assert spec["prune_keep"] != [64] * 4  # the search left a schedule that removes tokens
     log = (run_dir / "stages" / "0-prune" / "logs" / "metrics.csv").read_text()
     assert "train/diffrate_gmacs_ratio" in log  # the penalty's figures are logged with the task's
+    assert "train/kd" in log  # a prune stage's distill options are used: the search matches the dense model
     found = metrics["schedules"]["stages[0].pruner"]
     assert found["prune_keep"] == spec["prune_keep"] and found["merge_keep"] == spec["merge_keep"]
     loaded = compress.load(run_dir / "export")

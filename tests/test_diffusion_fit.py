@@ -34,7 +34,7 @@ def test_fit_exports_router_and_experts(run):
     run_dir, _ = run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["dense"] == {"images": 4} and metrics["pruned"] == {"images": 4}  # FID off here; on in eval below
-    details = metrics["bench"]["details"]
+    details = metrics["details"]  # APTP's own figures (Pruner.figures)
     assert len(details["experts"]) == 4 and sum(r["prompts"] for r in details["experts"]) > 0
     manifest = json.loads((run_dir / "export" / "compress.json").read_text())
     assert manifest["task"] == "diffusion" and manifest["pruners"][0]["spec"]["name"] == "aptp"

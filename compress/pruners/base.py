@@ -3,7 +3,9 @@
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -13,6 +15,22 @@ from compress.errors import CompressError
 
 class PrunerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass
+class Measuring:
+    """What the report and ``compress bench`` hand a pruner class that has figures of its own to add."""
+
+    dense: nn.Module
+    pruned: nn.Module
+    example: Callable[[int], Any]  # batch size -> the model's inputs
+    batch_sizes: Sequence[int]
+    device: str
+    repeats: int
+    dense_gmacs: Optional[float]
+    edits: Dict[str, Any]  # what this pruner's finalize recorded
+    export: Optional[Path] = None  # the export folder, when there is one
+    timing: bool = True  # False: the run's bench is off, so nothing is to be timed
 
 
 class Pruner:
@@ -93,6 +111,13 @@ class Pruner:
         ``model`` up to run that one); default: the model itself. E.g. one file per expert of a routed model."""
         return [("", None)]
 
+    @classmethod
+    def figures(cls, m: Measuring) -> Dict[str, Dict[str, Any]]:
+        """Figures beyond the dense-vs-pruned table for a model this pruner made (e.g. per-expert speed, the real
+        file size of unstructured zeros): ``{key: {..., "text": lines to print}}``, added to the bench results
+        under ``key``. Default: none."""
+        return {}
+
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         """Make the decision physical; return the structural edits ``apply_edits`` can replay."""
         return {}
@@ -127,6 +152,16 @@ class Pruner:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
         return f"{type(self).__name__}({params})"
+
+
+def pruner_figures(made: Sequence[Tuple[type, Dict[str, Any]]], **measuring: Any) -> Dict[str, Dict[str, Any]]:
+    """Every pruner class's own ``figures`` for the model they made (``made``: (class, edits) in order); the first
+    class to give a key keeps it (two weight pruners report one storage)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for cls, edits in made:
+        for key, value in cls.figures(Measuring(edits=edits or {}, **measuring)).items():
+            out.setdefault(key, value)
+    return out
 
 
 def build_pruner(spec: Dict[str, Any], where: str = "pruner") -> Pruner:

@@ -24,7 +24,7 @@ from compress.errors import CompressError
 from compress.progress import track
 from compress.registry import register_task
 from compress.tasks.base import Task
-from compress.tasks.block_distill import block_loss, capture_blocks
+from compress.diffusion_losses import block_loss, capture_blocks, weighted_mse  # noqa: F401  (weighted_mse: the task's loss)
 from compress.tasks.module import StageModule
 
 DEFAULT_COND = (16, 384)  # (tokens, width) when no model was seen (bench --recipe): MiniLM's
@@ -51,11 +51,6 @@ def snr_weights(scheduler, t: torch.Tensor, gamma: Optional[float], prediction_t
     snr = ac / (1 - ac)
     clipped = snr.clamp(max=gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    return (per * weight).mean()
 
 
 class DiffusionModule(StageModule):
@@ -226,13 +221,3 @@ class Diffusion(Task):
         t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
         cond = torch.randn(batch_size, tokens, width, generator=g).to(device)
         return (x, t, cond)
-
-    def bench_details(self, model: nn.Module, input_size, batch_sizes, device: str = "cpu", repeats: int = 6,
-                      dense_gmacs: Optional[float] = None, edits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """Per-expert rows for a routed (APTP) model; nothing for a single UNet."""
-        from compress.pruners.diffusion.report import expert_report, is_routed
-
-        if not is_routed(model):
-            return {}
-        return expert_report(model, lambda bs: self.example(input_size, bs, device), batch_sizes, device, repeats,
-                             dense_gmacs, edits)

@@ -27,7 +27,7 @@ from compress.pruners.diffusion.gates import GateHooks, Structure, find_structur
 from compress.pruners.diffusion.router import Router, contrastive_loss, sinkhorn
 from compress.pruners.diffusion.slicing import keep_from_gates, slice_unet
 from compress.registry import register_pruner
-from compress.tasks.block_distill import capture_blocks
+from compress.diffusion_losses import capture_blocks, weighted_mse
 
 
 class APTPConfig(PrunerConfig):
@@ -182,7 +182,6 @@ class APTP(Pruner):
             self.hooks.set(None, None)
 
     def diffusion_loss(self, model, b, teacher=None):
-        from compress.tasks.diffusion import weighted_mse
 
         c, r = self.config, model.aptp_router
         logits = r.logits(b.pooled)
@@ -280,6 +279,16 @@ class APTP(Pruner):
         build_routed(model, self.edits, self.config.ff_gate_groups, router=router)
         model.unet.requires_grad_(True)
         self.sliced = True
+
+    @classmethod
+    def figures(cls, m) -> Dict[str, Dict[str, Any]]:
+        """Per-expert MACs, parameters and images/s of the routed model (timed: only with the bench on)."""
+        from compress.pruners.diffusion.report import expert_report, is_routed
+
+        if not (m.timing and is_routed(m.pruned)):
+            return {}
+        details = expert_report(m.pruned, m.example, m.batch_sizes, m.device, m.repeats, m.dense_gmacs, m.edits or None)
+        return {"details": {**details, "text": details["table"]}}
 
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         if not self.sliced:

@@ -82,17 +82,19 @@ class KeptCount(nn.Module):
 
 
 class Rates(nn.Module):
-    """Every block's pruning and merging distributions (block 0 is never compressed)."""
+    """Every block's pruning and merging distributions (block 0 is never compressed). With ``final`` the last
+    block's count is fixed at it instead of searched (0 when only the prefix tokens matter after it)."""
 
-    def __init__(self, depth: int, m: int, granularity: int):
+    def __init__(self, depth: int, m: int, granularity: int, final: Optional[int] = None):
         super().__init__()
-        self.prune = nn.ModuleList([KeptCount(m, granularity) for _ in range(depth - 1)])
-        self.merge = nn.ModuleList([KeptCount(m, granularity) for _ in range(depth - 1)])
+        searched = depth - 1 - (final is not None)
+        self.m, self.final = m, final
+        self.prune = nn.ModuleList([KeptCount(m, granularity) for _ in range(searched)])
+        self.merge = nn.ModuleList([KeptCount(m, granularity) for _ in range(searched)])
 
     def counts(self) -> Tuple[List[int], List[int]]:
         """The hard (prune, merge) counts per block, non-increasing as the forward applies them."""
-        m = int(self.prune[0].kept.shape[1])
-        prune, merge, alive = [m], [m], m
+        prune, merge, alive = [self.m], [self.m], self.m
         with torch.no_grad():
             for p, q in zip(self.prune, self.merge):
                 kp = min(alive, int(p.count()))
@@ -100,6 +102,9 @@ class Rates(nn.Module):
                 prune.append(kp)
                 merge.append(km)
                 alive = km
+        if self.final is not None:
+            prune.append(min(alive, self.final))
+            merge.append(min(alive, self.final))
         return prune, merge
 
 
@@ -127,10 +132,13 @@ def merge_similar(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, src: t
     return x, size
 
 
-def scaled_counts(prune: List[int], merge: List[int], factor: float, m: int) -> Tuple[List[int], List[int]]:
-    """Both schedules' counts after block 0 times ``factor`` (between 1 and ``m``; block 0 stays dense)."""
+def scaled_counts(prune: List[int], merge: List[int], factor: float, m: int,
+                  fixed_last: bool = False) -> Tuple[List[int], List[int]]:
+    """Both schedules' counts after block 0 times ``factor`` (between 1 and ``m``; block 0 stays dense, and so
+    does the last block's count with ``fixed_last``)."""
     def scale(counts):
-        return counts[:1] + [min(m, max(1, round(c * factor))) for c in counts[1:]]
+        stop = len(counts) - 1 if fixed_last else len(counts)
+        return counts[:1] + [min(m, max(1, round(c * factor))) for c in counts[1:stop]] + counts[stop:]
 
     return scale(prune), scale(merge)
 
@@ -159,6 +167,9 @@ class DiffRateConfig(PrunerConfig):
     granularity: int = Field(4, ge=1, description="search: the step between candidate counts (the paper: 4)")
     flops_weight: float = Field(5.0, ge=0, description="search: lambda of lambda * (GMACs - target GMACs)^2")
     prop_attn: bool = Field(True, description="proportional attention (+log size)")
+    prefix_only_last: bool = Field(
+        True, description="search: the last block keeps no patch token after its attention when the head reads "
+        "the class token alone (exact, and frees its MLP's MACs for the other blocks); false = search it too")
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -167,8 +178,10 @@ class DiffRateConfig(PrunerConfig):
         if self.prune_keep is not None:
             if len(self.prune_keep) != len(self.merge_keep):
                 raise ValueError(f"prune_keep has {len(self.prune_keep)} entries, merge_keep {len(self.merge_keep)}")
-            if any(v < 1 for v in self.prune_keep + self.merge_keep):
-                raise ValueError("kept counts must be >= 1")
+            if any(v < 1 for v in self.prune_keep[:-1] + self.merge_keep[:-1]):
+                raise ValueError("kept counts must be >= 1 (0 is allowed in the last block alone)")
+            if min(self.prune_keep[-1:] + self.merge_keep[-1:], default=1) < 0:
+                raise ValueError("kept counts must be >= 0")
         return self
 
 
@@ -200,12 +213,16 @@ class DiffRate(TokenPruner):
         super().attach(model)
         if self.prune_keep is None:  # to be searched by a training stage (``callbacks``)
             g = self.geometry
-            self.rates = Rates(g["depth"], g["num_patches"], self.config.granularity)
+            self.rates = Rates(g["depth"], g["num_patches"], self.config.granularity, self._final())
             self.rates.to(next(model.parameters()).device).train(False)  # model.train() in the stage turns it on
 
     def detach(self, model: nn.Module) -> None:
         self._end_search(model)
         super().detach(model)
+
+    def _final(self) -> Optional[int]:
+        """The last block's fixed patch count in a search (None: searched like the others)."""
+        return 0 if self.config.prefix_only_last and self.geometry["head_reads_prefix"] else None
 
     def _start_search(self, model: nn.Module) -> None:
         """The distributions join the model, so the stage's optimizer trains them; the model's weights freeze."""
@@ -234,13 +251,15 @@ class DiffRate(TokenPruner):
         g, target = self.geometry, self.config.target_gmacs_ratio
         num_prefix, m = g["num_prefix"], g["num_patches"]
 
+        fixed = self._final() is not None
+
         def ratio(f: float) -> float:
-            return tokens.schedule_macs_ratio(g, counts_tokens(num_prefix, *scaled_counts(prune, merge, f, m)))
+            return tokens.schedule_macs_ratio(g, counts_tokens(num_prefix, *scaled_counts(prune, merge, f, m, fixed)))
 
         if target is None or abs(ratio(1.0) - target) < 0.002:
             return prune, merge
         f = tokens.solve_monotone(ratio, target, 0.0, float(m))
-        return scaled_counts(prune, merge, f, m)
+        return scaled_counts(prune, merge, f, m, fixed)
 
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         self._end_search(model)
@@ -340,6 +359,9 @@ class DiffRate(TokenPruner):
         km = min(kp, self._merge[layer])
         if km >= m:
             return x
+        if km == 0:  # the prefix tokens alone go on (the last block, when the head reads them alone)
+            state.index, state.size = state.index[:, :P], state.size[:, :P]
+            return x[:, :P]
         order = importance(info.q, info.k, info.bias, P).argsort(dim=1, descending=True) + P  # the attention's own +log size
         rows = torch.cat([tokens.positions(0, P, x), order[:, :km]], dim=1)
         if km < kp:
@@ -357,23 +379,28 @@ class DiffRate(TokenPruner):
         x = tokens.take_rows(x, rows)
         state.index = state.index.gather(1, rows)
         state.size = state.size.gather(1, rows)
+        g = self.geometry
+        if layer > len(self.rates.prune):  # the fixed last block: nothing after it reads the masks
+            n_mlp = torch.full_like(state.extras["n"], float(min(self.rates.final, state.extras["alive"])))
+            self._macs = state.extras["macs"] + tokens.block_macs(state.extras["n"] + P, n_mlp + P, g["dim"], g["mlp_hidden"])
+            return x
         mask = state.extras["mask"].gather(1, rows)
         alive = state.extras["alive"]
         prune, merge = self.rates.prune[layer - 1], self.rates.merge[layer - 1]
         kp_t, km_t = prune.count(), merge.count()
         kp, km = int(kp_t), int(km_t)
         ones = torch.ones(x.shape[0], P, device=x.device, dtype=mask.dtype)
-        if kp < alive:
-            mask = mask * torch.cat([ones, prune.mask(kp, alive).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
+        # the masks apply even where they remove nothing (hard 1): their gradient, P(rank kept), is how the loss
+        # would change were this block to keep fewer, the signal a block that does not bind yet needs
         mid = min(alive, kp)
+        mask = mask * torch.cat([ones, prune.mask(mid, alive).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
         if km < mid:
             dst, src = tokens.positions(P, P + km, x), tokens.positions(P + km, P + mid, x)
             x, size = merge_similar(x, state.size.clamp_min(1), dst, src)  # sources stay, masked from now on
             state.size = size
-            mask = mask * torch.cat([ones, merge.mask(km, mid).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
+        mask = mask * torch.cat([ones, merge.mask(min(km, mid), mid).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
         state.extras["mask"] = mask
         state.extras["alive"] = min(mid, km)
-        g = self.geometry
         n_attn = state.extras["n"]
         n_mlp = min_ste(n_attn, kp_t, km_t)
         state.extras["n"] = n_mlp

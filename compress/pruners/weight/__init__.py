@@ -153,6 +153,12 @@ class WeightPruner(Pruner):
     def unpack_state(cls, state: Dict[str, torch.Tensor], edits: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return M.unpack_tensors(state, (edits or {}).get("packed", {}))
 
+    @classmethod
+    def figures(cls, m) -> Dict[str, Dict[str, Any]]:
+        """Unstructured zeros are no speed: the nonzero parameters and the export's real file size instead."""
+        storage = storage_report(m.dense, m.pruned, m.export)
+        return {"storage": {**storage, "text": storage_lines(storage)}}
+
 
 def has_weight_pruner(pruners) -> bool:
     """``pruners``: attached pruner objects or export manifest entries."""

@@ -1,4 +1,5 @@
-"""Block-output distillation for UNets (APTP's L_block, used again in the experts' fine-tune).
+"""The losses the diffusion task and APTP share: the weighted denoising MSE, and block-output distillation for
+UNets (APTP's L_block, used again in the experts' fine-tune). Here, not in either, so neither imports the other.
 
 The student's and the teacher's UNet block outputs (every down block, the mid block, every up block) are
 captured with forward hooks and matched by MSE. Pruning slices widths *inside* blocks and skips layers, never
@@ -56,3 +57,9 @@ def block_loss(student: List[List[torch.Tensor]], teacher: List[torch.Tensor],
         term = torch.stack([F.mse_loss(s.float(), t[idx].float()) for s, t in zip(calls, teacher)]).mean()
         total, n = total + term * len(idx), n + len(idx)
     return total / n
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE (over every other dimension) weighted by ``weight`` (the scheduler's loss weighting)."""
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per * weight).mean()
