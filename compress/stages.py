@@ -136,11 +136,11 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         _check_ranks_agree(ctx, i, stage)  # before the heads pruner turns its masks into a smaller model
         if deepspeed:
             _take_back(ctx, model)
-        for pruner in ctx.pruners:
-            found = pruner.learned() if pruner._stage == i else None
-            if found:
-                ctx.metrics.setdefault("schedules", {})[f"stages[{i}].pruner"] = found
-                log(f"stage {i} ({stage.kind}): {pruner.name} learned {json.dumps(found)}")
+    for pruner in ctx.pruners:  # what this stage taught its pruner: by training or by calibration
+        found = pruner.learned() if pruner._stage == i else None
+        if found:
+            ctx.metrics.setdefault("schedules", {})[f"stages[{i}].pruner"] = found
+            log(f"stage {i} ({stage.kind}): {pruner.name} learned {json.dumps(found)}")
     ctx.model.eval()
     if stage.evaluate and ctx.recipe.evaluate.enabled and is_global_zero():
         ctx.metrics.setdefault("stages", {})[f"{i}-{stage.kind}"] = evaluate_model(ctx, ctx.model, f"evaluate after stage {i}")

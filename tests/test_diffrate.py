@@ -188,6 +188,39 @@ def test_every_searched_block_learns_from_the_task_even_where_it_removes_nothing
             assert c.logits.grad is not None and c.logits.grad.abs().sum() > 0
 
 
+def test_shape_search_keeps_the_schedule_closest_to_dense():
+    model, x = make(VIT), images(6)
+    with torch.no_grad():
+        dense = model(x).log_softmax(-1)
+    pruner = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.7,
+                           "calibrate": {"starts": [1, 2], "powers": [1.0], "merge_shares": [0.0, 0.2]}})
+    pruner.attach(model)
+    assert pruner.calibration() == ("train", 512, 0)
+
+    def kl():
+        with torch.no_grad():
+            return F.kl_div(model(x).log_softmax(-1), dense, log_target=True, reduction="sum").item() / len(x)
+
+    provisional = kl()
+    found = pruner.calibrate(model, [x[:3], x[3:]])
+    assert found["schedules"] >= 4 and abs(found["kl"] - kl()) < 1e-5
+    assert found["kl"] <= provisional + 1e-6  # the provisional (middle) shape is among those scored
+    assert abs(pruner.expected_macs_ratio() - 0.7) < 0.03
+    assert pruner.spec()["calibrate"] is None and pruner.learned()["prune_keep"] == pruner.spec()["prune_keep"]
+    with pytest.raises(compress.CompressError, match="not both"):
+        build_pruner({"name": "diffrate", "prune_keep": [4] * 4, "merge_keep": [4] * 4, "calibrate": {}})
+
+
+def test_shape_search_runs_as_a_prune_stage_without_training(tmp_path):
+    metrics = fit(QUICKSTART, ["data.params.num_train=64", "data.params.num_val=32", "model.kwargs.depth=4",
+                               "evaluate.batch_size=8", "stages=[{kind: prune, pruner: {name: diffrate, target_gmacs_ratio: 0.7, "
+                               "calibrate: {images: 16, starts: [1], powers: [1.0], merge_shares: [0.0, 0.2]}}}]"], out=tmp_path)
+    found = metrics["schedules"]["stages[0].pruner"]
+    assert metrics["calibration"]["stages[0].pruner"]["images"] == 16
+    spec = json.loads((only_run(tmp_path) / "export" / "compress.json").read_text())["pruners"][0]["spec"]
+    assert spec["calibrate"] is None and spec["prune_keep"] == found["prune_keep"] and spec["prune_keep"][-1] == 0
+
+
 def test_the_last_block_on_the_class_token_alone_is_exact():
     """Keeping no patch token after the last attention changes no logit when the head reads the class token; a
     search on a mean-pooling head keeps the last block searched."""

@@ -14,8 +14,9 @@ process, interleaved, median of repeats. Writes tools/results/token_pruners_deit
 
 DiffRate, which learns its schedule, has two kinds of rows: ``diffrate released`` applies the official DeiT-Tiny
 rates (public numbers) through our implementation, at the budgets they were searched for; ``diffrate`` is our
-search (``tools/search_diffrate.py``, its JSON given by ``--diffrate-schedules``), cross-fitted: each image is
-scored by the schedule searched on the other half of the images.
+search (``tools/search_diffrate.py``, its JSON given by ``--diffrate-schedules``; by default the KL-to-dense shape
+search of ``recipes/deit_t_diffrate_shapes.yaml``), cross-fitted: each image is scored by the schedule searched on
+the other half of the images.
 """
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="forwards per model and batch size, at least (over 5 rounds)")
     p.add_argument("--round-seconds", type=float, default=0.5, help="each model runs at least this long in every round")
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
-    p.add_argument("--diffrate-schedules", type=Path, default=HERE / "results" / "diffrate_schedules.json",
+    p.add_argument("--diffrate-schedules", type=Path, default=HERE / "results" / "diffrate_schedules_shapes.json",
                    help=f"the searches of tools/search_diffrate.py, for the {DIFFRATE_LEARNED!r} rows")
     p.add_argument("--before", type=Path, help="JSON of an earlier run, shown beside this one (its \"note\" says what it was)")
     args = p.parse_args(argv)
@@ -256,8 +257,10 @@ def main(argv=None) -> int:
                 models = [attached(folds[f]) for f in (0, 1)]
                 fold_logits = [bench_assets.logits(m, data) for m in models]
                 logits = torch.where((labels_y % 2 == 0).unsqueeze(1), fold_logits[0], fold_logits[1])
+                how = sorted({s.get("recipe", "recipes/deit_t_diffrate.yaml") for s in searched["searches"] if s["budget"] == budget})
                 add_row(label, budget, folds, models, logits,
-                        note="each image scored by the schedule searched on the other fold; speed of fold 0's schedule")
+                        note=f"searched by {', '.join(how)}; each image scored by the schedule searched on the other fold; "
+                             "speed of fold 0's schedule")
             continue
         for budget in (float(b) for b in args.budgets.split(",")):
             spec = {**specs[label], "target_gmacs_ratio": budget}

@@ -153,7 +153,39 @@ def counts_tokens(num_prefix: int, prune: List[int], merge: List[int]) -> List[T
     return out
 
 
+def shaped_counts(m: int, depth: int, start: int, power: float, merge_share: float, c: float,
+                  final: Optional[int]) -> Tuple[List[int], List[int]]:
+    """A schedule of one smooth shape: from block ``start`` on, m * exp(-c * (l - start + 1) ** power) patch tokens
+    survive pruning in block l, and the last ``merge_share`` of them merge into the others; blocks before ``start``
+    keep every token, and the last keeps ``final`` when given (``c`` sets the budget)."""
+    prune, merge = [m], [m]
+    for layer in range(1, depth - (final is not None)):
+        k = m if layer < start else m * math.exp(-c * (layer - start + 1) ** power)
+        kp = max(1, min(m, round(k)))
+        prune.append(kp)
+        merge.append(kp if layer < start else max(1, round(kp * (1 - merge_share))))
+    if final is not None:
+        prune.append(final)
+        merge.append(final)
+    return prune, merge
+
+
 # ---- config -----------------------------------------------------------------------------------
+
+
+class ShapeSearch(PrunerConfig):
+    """Instead of the gradient search: schedules of one smooth family (``shaped_counts``), each fitted to the budget,
+    scored by the KL divergence of the pruned from the dense outputs on unlabelled images, the closest kept. A grid
+    of 27 shapes, then one round around the best; a few minutes on a 2-core CPU for DeiT-Tiny."""
+
+    images: int = Field(512, ge=1, description="calibration images, a seeded random subset of the split")
+    split: str = Field("train", description="data split the calibration images come from (labels unused)")
+    seed: int = 0
+    starts: List[int] = Field([1, 2, 3], min_length=1, description="first block that removes tokens")
+    powers: List[float] = Field([0.7, 1.0, 1.4], min_length=1, description="how the removal speeds up with depth")
+    merge_shares: List[float] = Field([0.0, 0.1, 0.2], min_length=1,
+                                      description="share of each block's survivors merged rather than kept")
+
 
 
 class DiffRateConfig(PrunerConfig):
@@ -167,6 +199,9 @@ class DiffRateConfig(PrunerConfig):
     granularity: int = Field(4, ge=1, description="search: the step between candidate counts (the paper: 4)")
     flops_weight: float = Field(5.0, ge=0, description="search: lambda of lambda * (GMACs - target GMACs)^2")
     prop_attn: bool = Field(True, description="proportional attention (+log size)")
+    calibrate: Optional[ShapeSearch] = Field(
+        None, description="search the counts on unlabelled images by KL to dense (see ShapeSearch) instead of by "
+        "gradient in a training stage: the prune stage needs no training steps")
     prefix_only_last: bool = Field(
         True, description="search: the last block keeps no patch token after its attention when the head reads "
         "the class token alone (exact, and frees its MLP's MACs for the other blocks); false = search it too")
@@ -175,6 +210,10 @@ class DiffRateConfig(PrunerConfig):
     def _schedule(self):
         if (self.prune_keep is None) != (self.merge_keep is None):
             raise ValueError("give prune_keep and merge_keep together")
+        if self.prune_keep is not None and self.calibrate is not None:
+            raise ValueError("give prune_keep/merge_keep (a fixed schedule) or calibrate (a search), not both")
+        if self.calibrate is not None and self.target_gmacs_ratio is None:
+            raise ValueError("calibrate needs target_gmacs_ratio")
         if self.prune_keep is not None:
             if len(self.prune_keep) != len(self.merge_keep):
                 raise ValueError(f"prune_keep has {len(self.prune_keep)} entries, merge_keep {len(self.merge_keep)}")
@@ -197,6 +236,7 @@ class DiffRate(TokenPruner):
         self.prop_attn = bool(self.config.prop_attn)
         self.rates: Optional[Rates] = None
         self._trainable: Dict[str, bool] = {}
+        self._dense_pass = False  # calibration: the patched model runs dense
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, geometry) -> None:
@@ -211,7 +251,12 @@ class DiffRate(TokenPruner):
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
-        if self.prune_keep is None:  # to be searched by a training stage (``callbacks``)
+        if self.prune_keep is None and self.config.calibrate is not None:  # until ``calibrate``: the middle shape
+            cal = self.config.calibrate
+            self.prune_keep, self.merge_keep = self.fit_shape(
+                sorted(cal.starts)[len(cal.starts) // 2], sorted(cal.powers)[len(cal.powers) // 2],
+                sorted(cal.merge_shares)[len(cal.merge_shares) // 2])
+        elif self.prune_keep is None:  # to be searched by a training stage (``callbacks``)
             g = self.geometry
             self.rates = Rates(g["depth"], g["num_patches"], self.config.granularity, self._final())
             self.rates.to(next(model.parameters()).device).train(False)  # model.train() in the stage turns it on
@@ -261,13 +306,63 @@ class DiffRate(TokenPruner):
         f = tokens.solve_monotone(ratio, target, 0.0, float(m))
         return scaled_counts(prune, merge, f, m, fixed)
 
+    def fit_shape(self, start: int, power: float, merge_share: float) -> Tuple[List[int], List[int]]:
+        """``shaped_counts`` at the budget."""
+        g, final = self.geometry, self._final()
+        m, depth = g["num_patches"], g["depth"]
+
+        def ratio(c: float) -> float:  # falls as c grows
+            return tokens.schedule_macs_ratio(g, counts_tokens(g["num_prefix"], *shaped_counts(m, depth, start, power, merge_share, c, final)))
+
+        c = tokens.solve_monotone(lambda c: -ratio(c), -self.config.target_gmacs_ratio, 0.0, 20.0)
+        return shaped_counts(m, depth, start, power, merge_share, c, final)
+
+    def calibration(self):
+        cal = self.config.calibrate
+        return None if cal is None or self.config.prune_keep is not None else (cal.split, cal.images, cal.seed)
+
+    def calibrate(self, model, batches) -> dict:
+        """``config.calibrate``: the shape whose outputs on ``batches`` are closest to the dense model's (mean KL)."""
+        from compress.progress import track
+
+        cal = self.config.calibrate
+        self._dense_pass = True
+        try:
+            dense = [F.log_softmax(model(b).float(), -1) for b in batches]
+        finally:
+            self._dense_pass = False
+        n = sum(len(b) for b in batches)
+        scored: Dict[Tuple[int, float, float], float] = {}
+
+        def kl(shape) -> float:
+            if shape not in scored:
+                self.prune_keep, self.merge_keep = self.fit_shape(*shape)
+                scored[shape] = sum(F.kl_div(F.log_softmax(model(b).float(), -1), d, log_target=True, reduction="sum").item()
+                                    for b, d in zip(batches, dense)) / n
+            return scored[shape]
+
+        depth = self.geometry["depth"]
+        grid = [(s, p, q) for s in cal.starts if 0 < s < depth - 1 for p in cal.powers for q in cal.merge_shares]
+        with torch.no_grad():
+            for shape in track(grid, "diffrate shape search", unit="schedules"):
+                kl(shape)
+            s, p, q = min(scored, key=scored.get)  # then one round around the best
+            near = [(s2, p * f, min(0.9, max(0.0, q + dq))) for s2 in {s - 1, s, s + 1} if 0 < s2 < depth - 1
+                    for f in (0.85, 1.0, 1.15) for dq in (-0.05, 0.0, 0.05)]
+            for shape in track(near, "diffrate shape refine", unit="schedules"):
+                kl(shape)
+        best = min(scored, key=scored.get)
+        self.prune_keep, self.merge_keep = self.fit_shape(*best)
+        return {"kl": scored[best], "schedules": len(scored), "start": best[0], "power": round(best[1], 3),
+                "merge_share": round(best[2], 3)}
+
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         self._end_search(model)
         return {}
 
     def pinned(self) -> dict:
         prune, merge = self.counts()
-        return {"prune_keep": prune, "merge_keep": merge, "target_gmacs_ratio": None}
+        return {"prune_keep": prune, "merge_keep": merge, "target_gmacs_ratio": None, "calibrate": None}
 
     def learned(self) -> Optional[Dict[str, Any]]:
         if self.prune_keep is None or self.config.prune_keep is not None:
@@ -322,6 +417,8 @@ class DiffRate(TokenPruner):
         return self.rates is not None and self.rates.training and torch.is_grad_enabled()
 
     def needs(self, layer: int) -> Optional[str]:
+        if self._dense_pass:
+            return None
         if self.searching:
             return "probs"
         return "keys" if layer > 0 else None
@@ -349,7 +446,7 @@ class DiffRate(TokenPruner):
         return (w + 1e-6 / probs.shape[-1]) / (w.sum(-1, keepdim=True) + 1e-6)
 
     def after_attn(self, layer, x, info, state):
-        if layer == 0:
+        if layer == 0 or self._dense_pass:
             return x
         if self.searching:
             return self._search_step(layer, x, info, state)
