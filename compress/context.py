@@ -15,8 +15,15 @@ from compress.recipe import Recipe
 
 
 def is_global_zero() -> bool:
-    """True in the process that writes files: rank 0, or a process Lightning has not launched as another rank."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    """True in the process that writes files: rank 0, or a process no launcher started as another rank.
+
+    Lightning's own rank (``rank_zero_only.rank``: RANK, LOCAL_RANK, SLURM_PROCID or JSM_NAMESPACE_RANK at import,
+    then the rank a strategy set up), and the LOCAL_RANK/NODE_RANK its subprocess launcher gives ranks > 0 (the
+    rank 0 process of a second node has LOCAL_RANK 0 but NODE_RANK 1)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return (getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
+            and os.environ.get("NODE_RANK", "0") == "0")
 
 
 @dataclass

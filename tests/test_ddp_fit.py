@@ -59,3 +59,19 @@ def test_two_rank_ddp_fit_writes_one_run_and_a_pruned_export(tmp_path, pruner):
         zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.Linear))
         total = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
         assert zeros / total > 0.6
+
+
+def test_the_writing_process_follows_lightnings_rank(monkeypatch):
+    """SLURM's or torchrun's rank (read by Lightning) counts as well as the LOCAL_RANK/NODE_RANK of Lightning's launcher."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from compress.context import is_global_zero
+
+    for key in ("LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert is_global_zero()
+    monkeypatch.setattr(rank_zero_only, "rank", 3)
+    assert not is_global_zero()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert not is_global_zero()
