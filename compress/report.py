@@ -73,11 +73,12 @@ def finish(ctx) -> Dict[str, Any]:
         metrics["pruned"] = evaluate_model(ctx, model, "evaluate pruned")
         if ctx.dense is None:
             metrics["dense"] = metrics["pruned"]
+    dense = ctx.dense if ctx.dense is not None else model
+    dev = eval_device(recipe)
+    example = lambda bs: ctx.task.example(ctx.input_size, bs, dev)  # noqa: E731
+    sizes = (recipe.evaluate.batch_size,)
     if recipe.evaluate.bench:
-        dense = ctx.dense if ctx.dense is not None else model
-        dev = eval_device(recipe)
-        metrics["bench"] = compare(dense, model, lambda bs: ctx.task.example(ctx.input_size, bs, dev),
-                                   (recipe.evaluate.batch_size,), dev)
+        metrics["bench"] = compare(dense, model, example, sizes, dev)
     if recipe.export.enabled:
         out = recipe.export.dir or (ctx.run_dir / "export")
         export_context(ctx, out, metrics, edits)
@@ -85,11 +86,9 @@ def finish(ctx) -> Dict[str, Any]:
         log(f"exported to {out}")
     from compress.pruners.base import pruner_figures
 
-    dev = eval_device(recipe)
     metrics.update(pruner_figures(  # the pruners' own figures (per-expert speed, the storage of zeros, ...)
-        [(type(p), e) for p, e in zip(ctx.pruners, edits)], dense=ctx.dense if ctx.dense is not None else model,
-        pruned=model, example=lambda bs: ctx.task.example(ctx.input_size, bs, dev), batch_sizes=(recipe.evaluate.batch_size,),
-        device=dev, repeats=6, dense_gmacs=(metrics.get("bench") or {}).get("dense", {}).get("gmacs"),
+        [(type(p), e) for p, e in zip(ctx.pruners, edits)], dense=dense, pruned=model, example=example,
+        batch_sizes=sizes, device=dev, repeats=6, dense_gmacs=(metrics.get("bench") or {}).get("dense", {}).get("gmacs"),
         export=metrics.get("export"), timing=recipe.evaluate.bench))
     files.write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     print()

@@ -1,9 +1,11 @@
 """``TokenPruner``: a pruner that is also the per-forward ``TokenPolicy`` of the patched model."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from compress import tokens
 from compress.pruners.base import Pruner
@@ -49,3 +51,16 @@ class TokenPruner(Pruner, tokens.TokenPolicy):
 
     def expected_macs_ratio(self) -> float:
         return tokens.schedule_macs_ratio(self.geometry, self.expected_tokens())
+
+
+def log_probs(model: nn.Module, batches: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``model``'s log-probabilities on each batch (float32): the reference a schedule search compares with."""
+    return [F.log_softmax(model(b).float(), -1) for b in batches]
+
+
+def mean_kl(model: nn.Module, batches: List[torch.Tensor], reference: List[torch.Tensor]) -> float:
+    """KL(reference || model) per image over ``batches`` (``reference``: ``log_probs`` of the dense model): how far
+    a schedule moves the outputs, without labels."""
+    total = sum(F.kl_div(F.log_softmax(model(b).float(), -1), d, log_target=True, reduction="sum").item()
+                for b, d in zip(batches, reference))
+    return total / sum(len(b) for b in batches)

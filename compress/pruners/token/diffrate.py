@@ -24,13 +24,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress import tokens
 from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
-from compress.pruners.token.base import TokenPruner
+from compress.pruners.token.base import TokenPruner, log_probs, mean_kl
 from compress.registry import register_pruner
 
 RATES = "diffrate_rates"  # the submodule that holds the distributions on the model while they are searched
@@ -289,17 +288,19 @@ class DiffRate(TokenPruner):
                 p.requires_grad_(self._trainable.get(n, True))
         self.rates = None
 
+    def schedule_ratio(self, prune: List[int], merge: List[int]) -> float:
+        """The blocks' MACs ratio of a (prune, merge) schedule on this model."""
+        return tokens.schedule_macs_ratio(self.geometry, counts_tokens(self.geometry["num_prefix"], prune, merge))
+
     def fit_budget(self, prune: List[int], merge: List[int]) -> Tuple[List[int], List[int]]:
         """The searched counts scaled by one factor so the blocks' MACs ratio meets the budget: the penalty
         only pulls the expectation towards it (on DeiT-Tiny it ended 0.03 above), and rows compared at equal
         GMACs must be at equal GMACs. The shape the search found is kept."""
-        g, target = self.geometry, self.config.target_gmacs_ratio
-        num_prefix, m = g["num_prefix"], g["num_patches"]
-
+        target, m = self.config.target_gmacs_ratio, self.geometry["num_patches"]
         fixed = self._final() is not None
 
         def ratio(f: float) -> float:
-            return tokens.schedule_macs_ratio(g, counts_tokens(num_prefix, *scaled_counts(prune, merge, f, m, fixed)))
+            return self.schedule_ratio(*scaled_counts(prune, merge, f, m, fixed))
 
         if target is None or abs(ratio(1.0) - target) < 0.002:
             return prune, merge
@@ -308,11 +309,10 @@ class DiffRate(TokenPruner):
 
     def fit_shape(self, start: int, power: float, merge_share: float) -> Tuple[List[int], List[int]]:
         """``shaped_counts`` at the budget."""
-        g, final = self.geometry, self._final()
-        m, depth = g["num_patches"], g["depth"]
+        final, m, depth = self._final(), self.geometry["num_patches"], self.geometry["depth"]
 
         def ratio(c: float) -> float:  # falls as c grows
-            return tokens.schedule_macs_ratio(g, counts_tokens(g["num_prefix"], *shaped_counts(m, depth, start, power, merge_share, c, final)))
+            return self.schedule_ratio(*shaped_counts(m, depth, start, power, merge_share, c, final))
 
         c = tokens.solve_monotone(lambda c: -ratio(c), -self.config.target_gmacs_ratio, 0.0, 20.0)
         return shaped_counts(m, depth, start, power, merge_share, c, final)
@@ -328,17 +328,15 @@ class DiffRate(TokenPruner):
         cal = self.config.calibrate
         self._dense_pass = True
         try:
-            dense = [F.log_softmax(model(b).float(), -1) for b in batches]
+            dense = log_probs(model, batches)
         finally:
             self._dense_pass = False
-        n = sum(len(b) for b in batches)
         scored: Dict[Tuple[int, float, float], float] = {}
 
         def kl(shape) -> float:
             if shape not in scored:
                 self.prune_keep, self.merge_keep = self.fit_shape(*shape)
-                scored[shape] = sum(F.kl_div(F.log_softmax(model(b).float(), -1), d, log_target=True, reduction="sum").item()
-                                    for b, d in zip(batches, dense)) / n
+                scored[shape] = mean_kl(model, batches, dense)
             return scored[shape]
 
         depth = self.geometry["depth"]

@@ -19,13 +19,12 @@ import random
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress import tokens
 from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
-from compress.pruners.token.base import TokenPruner
+from compress.pruners.token.base import TokenPruner, log_probs, mean_kl
 from compress.registry import register_pruner
 
 
@@ -352,14 +351,11 @@ class ZeroTPrune(TokenPruner):
         rng = random.Random(cfg.seed)
         default = sorted(self.layers.values(), key=lambda layer: layer.block)
         self.layers = {}  # nothing pruned: the patched model gives the dense outputs
-        dense = [F.log_softmax(model(b).float(), -1) for b in batches]
-        n = sum(len(b) for b in batches)
+        dense = log_probs(model, batches)
 
         def kl(layers: List[PruningLayer]) -> float:
             self.layers = {layer.block: layer for layer in layers}
-            total = sum(F.kl_div(F.log_softmax(model(b).float(), -1), d, log_target=True, reduction="sum").item()
-                        for b, d in zip(batches, dense))
-            return total / n
+            return mean_kl(model, batches, dense)
 
         shape = ({layer.block: 1.0 for layer in default}, self.config.similarity_share)
         best, best_kl = (shape, default), kl(default)

@@ -160,11 +160,6 @@ class WeightPruner(Pruner):
         return {"storage": {**storage, "text": storage_lines(storage)}}
 
 
-def has_weight_pruner(pruners) -> bool:
-    """``pruners``: attached pruner objects or export manifest entries."""
-    return any((p.get("kind") if isinstance(p, dict) else getattr(p, "kind", None)) == "weight" for p in pruners)
-
-
 def dense_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
