@@ -26,7 +26,7 @@ def pruner_schema(name: str, defs: Dict[str, Any]) -> Dict[str, Any]:
     """One pruner's ``{name: <name>, ...its config}`` object, closed to other keys."""
     cls = PRUNERS.get(name)
     sub = _lift(cls.Config.model_json_schema(ref_template="#/$defs/{model}"), defs)
-    props = {"name": {"const": name, "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""},
+    props = {"name": {"const": name, "description": (cls.__doc__ or "").strip().split("\n")[0]},
              **sub.get("properties", {})}
     return {"type": "object", "title": f"pruner {name}", "properties": props,
             "required": ["name", *sub.get("required", [])], "additionalProperties": False}
