@@ -5,6 +5,8 @@ import math
 import time
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from compress.progress import fmt_seconds, interval, line
 
@@ -48,3 +50,20 @@ class LineProgress(pl.Callback):
         text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         line(f"{self.label}: epoch {trainer.current_epoch + 1}{epochs} done, {self._steps(trainer)}: {text}")
+
+
+class ModelEMA(EMAWeightAveraging):
+    """Lightning's EMA of the module's weights (one update per optimizer step, its state in every checkpoint, so a
+    mid-stage resume keeps it), copied into the model when training ends by parameter name where the shapes still
+    agree: a pruner that restructured the model at the stage's end (APTP's slicing) keeps its new parts as they are."""
+
+    def __init__(self, decay: float):
+        super().__init__(decay=decay)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        average = dict(self._average_model.module.named_parameters())
+        average.update(self._average_model.module.named_buffers())
+        with torch.no_grad():
+            for name, current in [*pl_module.named_parameters(), *pl_module.named_buffers()]:
+                if name in average and average[name].shape == current.shape:
+                    current.copy_(average[name])

@@ -85,7 +85,6 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     import copy
 
     from compress.models import build_model
-    from compress.pruners.base import build_pruner
     from compress.recipe import load_recipe
     from compress.context import build_source
     from compress.tasks.base import Task
@@ -98,7 +97,7 @@ def _recipe_models(recipe_path: Path, overrides: List[str]):
     for i, stage in enumerate(recipe.stages):
         if stage.pruner is not None:
             where = f"stages[{i}].pruner"
-            pruner = build_pruner(stage.pruner.model_dump(), where=where)
+            pruner = stage.pruner.build(where)
             try:
                 pruner.attach(pruned)
             except (CompressError, ValueError) as e:

@@ -94,7 +94,6 @@ def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
     """Attach every prune stage's pruner to a throw-away copy of the model, in order, so errors that
     depend on the model (e.g. a schedule past its depth) fail now, not after the earlier stages trained.
     Returns (where, split) for every pruner that will ask for calibration images."""
-    from compress.pruners.base import build_pruner
 
     stages = [(i, s) for i, s in enumerate(recipe.stages) if s.pruner is not None]
     if not stages:
@@ -103,7 +102,7 @@ def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
     for i, stage in stages:
         where = f"stages[{i}].pruner"
         try:
-            pruner = build_pruner(stage.pruner.model_dump(), where=where)
+            pruner = stage.pruner.build(where)
             pruner.attach(trial)
         except (CompressError, ValueError) as e:
             msg = str(e)

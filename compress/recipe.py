@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError
 
@@ -64,10 +64,32 @@ class DistillConfig(Strict):
 
 
 class PrunerRef(BaseModel):
-    """``{name: ..., <params>}``; the params are validated by the named pruner's own config."""
+    """``{name: ..., <params>}``; the params are validated by the named pruner's own config, once (``config``,
+    when the recipe is loaded), and every later use builds from that typed config."""
 
     model_config = ConfigDict(extra="allow")
     name: str
+    _config: Any = PrivateAttr(None)
+
+    def config(self, where: str):
+        """The named pruner's typed ``Config`` of these params (validated on first use; errors name ``where``)."""
+        if self._config is None:
+            from compress.registry import PRUNERS
+
+            if self.name not in PRUNERS:
+                raise CompressError(f"{where}.name: unknown pruner {self.name!r} (known: {', '.join(PRUNERS.names())})")
+            cfg_cls = PRUNERS.get(self.name).Config
+            try:
+                self._config = cfg_cls.model_validate(self.model_extra or {})
+            except ValidationError as e:
+                raise CompressError(format_validation_error(e, cfg_cls, tuple(where.split(".")))) from None
+        return self._config
+
+    def build(self, where: str):
+        """A new pruner of this config."""
+        from compress.registry import PRUNERS
+
+        return PRUNERS.get(self.name)(self.config(where))
 
 
 class StageConfig(Strict):
@@ -473,19 +495,11 @@ def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
 
 def validate_plugin_params(recipe: Recipe) -> None:
     """Validate each pruner's and the dataset's own parameters with their registered configs."""
-    from compress.registry import DATASETS, PRUNERS
+    from compress.registry import DATASETS
 
     for i, stage in enumerate(recipe.stages):
-        if stage.pruner is None:
-            continue
-        if stage.pruner.name not in PRUNERS:
-            known = ", ".join(PRUNERS.names())
-            raise CompressError(f"stages[{i}].pruner.name: unknown pruner {stage.pruner.name!r} (known: {known})")
-        cfg_cls = PRUNERS.get(stage.pruner.name).Config
-        try:
-            cfg_cls.model_validate(stage.pruner.model_extra or {})
-        except ValidationError as e:
-            raise CompressError(format_validation_error(e, cfg_cls, ("stages", i, "pruner"))) from None
+        if stage.pruner is not None:
+            stage.pruner.config(f"stages[{i}].pruner")
     if recipe.data.kind not in DATASETS:
         known = ", ".join(DATASETS.names())
         raise CompressError(f"data.kind: unknown dataset {recipe.data.kind!r} (known: {known})")

@@ -37,7 +37,7 @@ def save_stage(ctx: RunContext, i: int, stage_dir: Path) -> None:
         files.write_with(dense_path, lambda tmp: files.save_safetensors(dense, tmp))
     info = {
         "stage": i,
-        "pruners": [{"spec": p.spec(), "stage": p._stage, "state": p.state_dict()} for p in ctx.pruners],
+        "pruners": [{"spec": p.spec(), "stage": p.stage, "state": p.state_dict()} for p in ctx.pruners],
         "metrics": ctx.metrics,
     }
     files.write_text(stage_dir / DONE, json.dumps(info, indent=2))  # last: the stage counts as done once it exists
@@ -102,7 +102,7 @@ def restore(ctx: RunContext) -> int:
         ctx.dense.eval()
     for k, entry in enumerate(info["pruners"]):
         pruner = build_pruner(entry["spec"], where=f"pruners[{k}]")
-        pruner._stage = entry["stage"]
+        pruner.stage = entry["stage"]
         pruner.attach(ctx.model)
         pruner.load_state_dict(entry.get("state", {}))
         ctx.pruners.append(pruner)

@@ -89,7 +89,6 @@ def _teacher(ctx: RunContext, i: int, stage) -> nn.Module:
 def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -> None:
     import lightning.pytorch as pl
 
-    from compress.pruners.base import build_pruner
 
     stage_dir = stage_folder(ctx.run_dir, i, stage.kind)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -99,15 +98,16 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
             if ctx.recipe.evaluate.enabled and is_global_zero():  # other DDP ranks would only repeat it
                 ctx.metrics["dense"] = evaluate_model(ctx, ctx.dense, "evaluate dense")
                 log(f"dense: {fmt_metrics(ctx.metrics['dense'])}")
-        if not any(p._stage == i for p in ctx.pruners):
-            pruner = build_pruner(stage.pruner.model_dump(), where=f"stages[{i}].pruner")
-            pruner._stage = i
+        if not any(p.stage == i for p in ctx.pruners):
+            pruner = stage.pruner.build(f"stages[{i}].pruner")
+            pruner.stage = i
             pruner.attach(ctx.model)
             if pruner.calibration() is not None:
                 calibrate(ctx, pruner, f"stages[{i}].pruner")
             ctx.pruners.append(pruner)
             log(f"stage {i} ({stage.kind}): attached {pruner!r}")
     if stage.trains:
+        from compress.lifecycle import PrunerLifecycle
         from compress.strategies import is_deepspeed, zero_stage
 
         train = make_loader(ctx.recipe, ctx.source.dataset("train", ctx.model, train=True), train=True)
@@ -125,9 +125,8 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         teacher = _teacher(ctx, i, stage) if stage.distill is not None else None  # a prune stage may distill too
         module = ctx.task.module(model, stage, teacher=teacher)
         module.pruners = ctx.pruners
-        callbacks = [cb for p in ctx.pruners for cb in p.callbacks()]
         kwargs = trainer_kwargs(ctx.recipe, stage_dir, stage)
-        kwargs["callbacks"] = kwargs["callbacks"] + callbacks + [sync_stop_callback(ctx.signals)]
+        kwargs["callbacks"] = kwargs["callbacks"] + [PrunerLifecycle(ctx.pruners, i, stage), sync_stop_callback(ctx.signals)]
         trainer = pl.Trainer(**kwargs)
         log(f"stage {i} ({stage.kind}): training " + (f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs} epoch(s)"))
         model.train()
@@ -137,7 +136,7 @@ def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -
         if deepspeed:
             _take_back(ctx, model)
     for pruner in ctx.pruners:  # what this stage taught its pruner: by training or by calibration
-        found = pruner.learned() if pruner._stage == i else None
+        found = pruner.learned() if pruner.stage == i else None
         if found:
             ctx.metrics.setdefault("schedules", {})[f"stages[{i}].pruner"] = found
             log(f"stage {i} ({stage.kind}): {pruner.name} learned {json.dumps(found)}")

@@ -184,9 +184,7 @@ def check_deepspeed(recipe) -> None:
     for i, s in enumerate(recipe.stages):
         if s.pruner is None:
             continue
-        spec = s.pruner.model_dump()
-        cls = PRUNERS.get(spec.pop("name"))
-        problem = cls.zero3_problem(cls.Config.model_validate(spec))
+        problem = PRUNERS.get(s.pruner.name).zero3_problem(s.pruner.config(f"stages[{i}].pruner"))
         if problem:
             raise CompressError(f"stages[{i}].pruner.{problem} (trainer.strategy is ZeRO-3: weights are partitioned; "
                                 "use deepspeed_stage_2 or ddp)")

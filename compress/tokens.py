@@ -176,13 +176,36 @@ class PrunableBlock(Block):
         return x
 
 
-def _swap_class(module: nn.Module, base: type, patched: type) -> None:
-    if type(module) is base:
-        module.__class__ = patched
-    elif not isinstance(module, patched):
-        raise CompressError(
-            f"token pruning supports timm {base.__name__} modules, found {type(module).__module__}.{type(module).__name__}"
-        )
+_PATCHED: Dict[type, type] = {Block: PrunableBlock, Attention: PrunableAttention}
+
+
+def patched_class(cls: type) -> type:
+    """The prunable class for a timm ``Block``/``Attention`` class or any subclass of one (tomesd's way: a class made
+    on first use that puts the hooks in front of ``cls``, so ``remove_patch`` restores exactly ``cls``). The hooks
+    need the timm layout (``norm1``, ``attn``, ``ls1``, ``mlp``...; ``qkv``, ``q_norm``...) a subclass keeps."""
+    if cls not in _PATCHED:
+        hooks = PrunableBlock if issubclass(cls, Block) else PrunableAttention
+        # MRO: the hooks, then ``cls``, then timm's class: the hooks' ``super().forward`` (attention's dense path)
+        # is ``cls``'s own forward
+        name = f"Prunable{cls.__name__}"
+        while name in globals():  # two subclasses of the same name from different modules
+            name += "_"
+        made = type(name, (hooks, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = _PATCHED[cls] = made  # importable by name (pickling a patched model)
+    return _PATCHED[cls]
+
+
+def original_class(module: nn.Module) -> type:
+    """The class a patched module had before ``patch`` (itself when it is not patched)."""
+    return next((c for c, made in _PATCHED.items() if made is type(module)), type(module))
+
+
+def _swap_class(module: nn.Module, base: type) -> None:
+    if not isinstance(module, base):
+        raise CompressError(f"token pruning supports timm {base.__name__} modules (or subclasses), found "
+                            f"{type(module).__module__}.{type(module).__name__}")
+    if type(module) not in _PATCHED.values():
+        module.__class__ = patched_class(type(module))
 
 
 def patch(model: nn.Module, policy: TokenPolicy) -> TokenRuntime:
@@ -193,8 +216,8 @@ def patch(model: nn.Module, policy: TokenPolicy) -> TokenRuntime:
     if not isinstance(blocks, nn.Sequential) or not len(blocks):
         raise CompressError(f"token pruning needs a timm ViT with .blocks, got {type(model).__name__}")
     for blk in blocks:
-        _swap_class(blk, Block, PrunableBlock)
-        _swap_class(blk.attn, Attention, PrunableAttention)
+        _swap_class(blk, Block)
+        _swap_class(blk.attn, Attention)
     rt = TokenRuntime(policy, int(getattr(model, "num_prefix_tokens", 1)))
     for i, blk in enumerate(blocks):
         blk._compress_layer = i
@@ -208,8 +231,8 @@ def remove_patch(model: nn.Module) -> None:
     if rt is None:
         return
     for blk in model.blocks:
-        blk.__class__ = Block
-        blk.attn.__class__ = Attention
+        blk.__class__ = original_class(blk)
+        blk.attn.__class__ = original_class(blk.attn)
         for name in ("_compress_layer", "_compress_runtime"):
             blk.__dict__.pop(name, None)
         for name in ("_compress_request", "_compress_info", "_compress_bias", "_compress_edit"):

@@ -96,3 +96,37 @@ def test_tasks_and_pruners_do_not_import_each_other(a, b):
     edges = _edges()
     bad = {m: sorted(t for t in edges[m] if t == b or t.startswith(b + ".")) for m in edges if m == a or m.startswith(a + ".")}
     assert not {m: t for m, t in bad.items() if t}
+
+
+def test_pruners_act_in_training_only_through_the_lifecycle():
+    """No pruner imports Lightning: the runner's one callback (``compress.lifecycle``) calls their hooks."""
+    bad = {name: base for name, path in MODULES.items() if name.startswith("compress.pruners")
+           for base, _ in _imports(name, path) if base.split(".")[0] == "lightning"}
+    assert not bad
+
+
+def _class_members(module_prefix: str) -> Set[str]:
+    names = set()
+    for name, path in MODULES.items():
+        if name == module_prefix or name.startswith(module_prefix + "."):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    names |= {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return names
+
+
+def test_shared_code_never_probes_a_pruner_specific_name():
+    """``hasattr``/``getattr`` with a method name that only some pruner defines (not the ``Pruner`` protocol)
+    is a pruner-specific branch; the runner, report, commands and tasks must not have one."""
+    protocol = _class_members("compress.pruners.base")
+    specific = _class_members("compress.pruners") - protocol - {"__init__", "forward"}
+    shared = [n for n in MODULES if n.startswith("compress.tasks") or n in {
+        "compress.run", "compress.stages", "compress.rundir", "compress.preflight", "compress.context",
+        "compress.report", "compress.commands", "compress.export", "compress.lifecycle"}]
+    bad = []
+    for name in shared:
+        for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in specific):
+                bad.append((name, node.args[1].value))
+    assert not bad

@@ -123,3 +123,40 @@ def test_cifar10_class_prompts(require_asset, model):
     ds = Prompts(tar, PromptsParams(source="cifar10", val_per_class=20)).dataset("val", model)
     assert len(ds) == 200  # classes interleaved, so the first N prompts of an evaluation cover them all
     assert ds.prompts[:3] == ["a photo of an airplane", "a photo of an automobile", "a photo of a bird"]
+
+
+def test_ema_is_lightnings_weight_averaging_checkpointed_and_copied_in(tmp_path):
+    """``ema_decay``: the stage ends with the EMA of the weights after each optimizer step, and a checkpoint
+    written mid-stage holds the averaging state (so a resume keeps it)."""
+    import lightning.pytorch as pl
+
+    from compress.recipe import StageConfig
+    from compress.tasks.diffusion import DiffusionModule
+
+    need_diffusion()
+    decay = 0.5
+    m = tiny_model(ema_decay=decay)
+    stage = StageConfig(kind="finetune", max_steps=3, optimizer={"name": "adamw", "lr": 1e-2})
+    module = DiffusionModule(m, stage)
+    seen = []
+
+    class Record(pl.Callback):  # the raw weights after every optimizer step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({k: v.detach().clone() for k, v in m.unet.named_parameters()})
+
+    torch.manual_seed(0)
+    batch = (torch.rand(4, 3, 16, 16) * 2 - 1, ["a red square", "a blue circle"] * 2, torch.zeros(4))
+    data = torch.utils.data.DataLoader([batch] * 3, batch_size=None)
+    trainer = pl.Trainer(max_steps=3, callbacks=[Record()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu")
+    trainer.fit(module, train_dataloaders=data)
+    name = "conv_in.weight"
+    expected = seen[0][name]
+    for step in seen[1:]:
+        expected = decay * expected + (1 - decay) * step[name]
+    final = dict(m.unet.named_parameters())[name]
+    assert not torch.allclose(seen[-1][name], expected, atol=1e-6)  # the EMA is not just the last weights
+    torch.testing.assert_close(final.detach(), expected)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=False)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 3 and "current_model_state" in ckpt

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
@@ -107,3 +108,27 @@ def test_eval_refuses_data_of_another_task(run, capsys):
     assert main(["eval", "--checkpoint", str(run / "export"), "--data", "quickstart:"]) == 2
     err = capsys.readouterr().err
     assert "quickstart is a classification dataset but the export is a toy_brightness model" in err
+
+
+@pytest.mark.parametrize("build", ["timm_reg", "vim"])
+def test_weight_decay_skips_what_the_model_names_in_no_weight_decay(build):
+    """The optimizer's no-decay group: norms and biases, every name a (sub)module's ``no_weight_decay()`` gives
+    (timm's convention: position embedding, class and register tokens) and Mamba's flagged A and D."""
+    import timm
+
+    from compress.recipe import StageConfig
+    from compress.registry import MODELS
+
+    if build == "timm_reg":
+        model = timm.create_model("vit_base_patch16_reg4_gap_256", depth=1, embed_dim=32, num_heads=2)
+        expect_skip, expect_decay = {"pos_embed", "reg_token"}, "blocks.0.attn.qkv.weight"
+    else:
+        model = MODELS.get("vim_custom")(depth=2, embed_dim=32)
+        expect_skip, expect_decay = {"pos_embed", "cls_token", "layers.0.mixer.A_log"}, "layers.0.mixer.in_proj.weight"
+    module = StageModule(nn.Sequential(), StageConfig(kind="finetune", max_steps=1, schedule={"name": "constant"}))
+    module.model = model
+    decay, no_decay = module.configure_optimizers().param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] > 0
+    assert expect_skip <= skipped and expect_decay in {names[id(p)] for p in decay["params"]}

@@ -145,3 +145,46 @@ def test_analytic_macs_model_matches_flop_counter():
     analytic = tokens.schedule_macs_ratio(geo, [197] * 4 + [99] * 8)
     # blocks are ~99 % of a ViT's MACs: the analytic ratio is within 2 points of the measured one
     assert abs(pruned / dense - analytic) < 0.02
+
+
+class CountingAttention(Attention):
+    """A user's subclass of timm's Attention with its own (dense) forward."""
+
+    calls = 0
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        CountingAttention.calls += 1
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class TaggedBlock(Block):
+    tag = "mine"
+
+
+def test_subclasses_of_timm_blocks_are_patched_and_restored_exactly():
+    model = make("deit")
+    for b in model.blocks:
+        b.__class__ = TaggedBlock
+        b.attn.__class__ = CountingAttention
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    tokens.patch(model, DropLowest(layer=0, keep=3))
+    blk = model.blocks[1]
+    assert isinstance(blk, TaggedBlock) and blk.tag == "mine" and isinstance(blk.attn, CountingAttention)
+    before = CountingAttention.calls
+    with torch.no_grad():
+        out = model(x)
+    assert CountingAttention.calls == before + len(model.blocks)  # the dense path is the subclass's own forward
+    assert model._compress_tokens.state.counts == [17, 4, 4] and not torch.allclose(out, ref)  # tokens really dropped
+    tokens.remove_patch(model)
+    assert all(type(b) is TaggedBlock and type(b.attn) is CountingAttention for b in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_a_module_that_is_not_a_timm_block_is_refused():
+    model = make("deit")
+    model.blocks[1] = torch.nn.Identity()
+    with pytest.raises(compress.CompressError, match="timm Block modules"):
+        tokens.patch(model, Request(None))

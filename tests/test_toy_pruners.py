@@ -9,7 +9,7 @@ import compress  # noqa: F401  (first: torchvision guard before timm)
 import pytest
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.pruners.base import Pruner, PrunerConfig
 from compress.pruners.token.base import TokenPruner
@@ -48,9 +48,17 @@ class KeepFirst(TokenPruner):
 # ---- a weight pruner with a loss term: L1 on the head while training, its smallest weights zeroed at the end ----
 
 
+VALIDATED = []  # every HeadL1Config validation of this file's runs
+
+
 class HeadL1Config(PrunerConfig):
     l1: float = Field(1.0, ge=0)
     sparsity: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _count(self):
+        VALIDATED.append(self.l1)
+        return self
 
 
 class HeadL1(Pruner):
@@ -60,9 +68,16 @@ class HeadL1(Pruner):
 
     def attach(self, model: nn.Module) -> None:
         self.model = model
+        self.steps = []  # the stage's step after each optimizer step, from the lifecycle hook
 
     def detach(self, model: nn.Module) -> None:
         self.model = None
+
+    def after_optimizer_step(self, run) -> None:
+        self.steps.append(run.step)
+
+    def learned(self):
+        return {"steps": self.steps}
 
     def training_loss(self):
         w = self.model.get_classifier().weight
@@ -147,7 +162,8 @@ def test_a_token_pruner_from_a_test_file(tmp_path):
 
 
 def test_a_weight_pruner_with_a_loss_term_from_a_test_file(tmp_path):
-    _, run_dir, loaded = _fit(tmp_path, ["{kind: prune, max_steps: 6, optimizer: {lr: 0.01, weight_decay: 0.0}, "
+    VALIDATED.clear()
+    metrics, run_dir, loaded = _fit(tmp_path, ["{kind: prune, max_steps: 6, optimizer: {lr: 0.01, weight_decay: 0.0}, "
                                          "pruner: {name: toy_head_l1, l1: 0.05, sparsity: 0.5}}"])
     log = (run_dir / "stages" / "0-prune" / "logs" / "metrics.csv").read_text().splitlines()
     head = log[0].split(",")
@@ -159,6 +175,16 @@ def test_a_weight_pruner_with_a_loss_term_from_a_test_file(tmp_path):
     assert (w == 0).float().mean() >= 0.5
     (entry,) = json.loads((run_dir / "export" / "compress.json").read_text())["pruners"]
     assert entry["kind"] == "weight" and entry["spec"]["name"] == "toy_head_l1"
+    assert metrics["schedules"]["stages[0].pruner"] == {"steps": [1, 2, 3, 4, 5, 6]}  # once per optimizer step
+    assert VALIDATED == [0.05]  # the recipe's params were validated once, for the whole run
+
+
+def test_recipe_pruner_params_are_validated_once_and_errors_name_the_key(tmp_path):
+    from compress.errors import CompressError
+
+    with pytest.raises(CompressError, match=r"stages\[0\]\.pruner\.l1"):
+        fit(QUICKSTART, SMALL + ["stages=[{kind: prune, pruner: {name: toy_head_l1, l1: -1}}]"], out=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_a_structured_pruner_from_a_test_file(tmp_path):

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from compress.errors import CompressError
 from compress.registry import register_model
+from compress.sharing import SharedList
 
 
 def need_diffusers():
@@ -106,13 +107,6 @@ class TextEncoder:
         return states.to(device), pooled.to(device)
 
 
-class _Shared(list):
-    """A list that ``copy.deepcopy`` does not copy: frozen helpers stay shared between model copies."""
-
-    def __deepcopy__(self, memo):
-        return self
-
-
 class TextToImage(nn.Module):
     """Denoiser + frozen helpers. ``unet`` is the only submodule (the weights that train and export);
     ``text``, ``prompt_encoder`` and ``vae`` live in lists so they stay out of state dicts and strategies."""
@@ -126,7 +120,7 @@ class TextToImage(nn.Module):
         self.scheduler_config = dict(scheduler_config)
         self._text = [text]
         self._prompt = [prompt_encoder or text]
-        self._vae = _Shared([vae.eval().requires_grad_(False)] if vae is not None else [])
+        self._vae = SharedList([vae.eval().requires_grad_(False)] if vae is not None else [])
         self.image_size = image_size
         self.min_snr_gamma = min_snr_gamma
         self.ema_decay = ema_decay

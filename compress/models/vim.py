@@ -249,6 +249,11 @@ class VisionMamba(nn.Module):
             with torch.no_grad():
                 layer.mixer.out_proj.weight.div_(math.sqrt(depth))
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """timm's convention (Vim's too): parameters the optimizer must not decay, by name."""
+        return {"pos_embed", "cls_token"}
+
     # -- forward, in pieces that a token pruner can replace ------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with the class token inserted at ``cls_position``, plus the position embedding."""

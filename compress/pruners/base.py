@@ -1,5 +1,6 @@
-"""The pruner protocol: a validated config, ``attach``/``detach`` in place, training-time callbacks,
-``finalize`` to make the decision physical, and a JSON-able ``spec`` that ``compress.load`` replays.
+"""The pruner protocol: a validated config, ``attach``/``detach`` in place, training-time hooks (driven by the
+runner's one Lightning callback, ``compress.lifecycle``), ``finalize`` to make the decision physical, and a
+JSON-able ``spec`` that ``compress.load`` replays.
 """
 from __future__ import annotations
 
@@ -15,6 +16,34 @@ from compress.errors import CompressError
 
 class PrunerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass
+class StageRun:
+    """What a pruner sees of the training stage it takes part in (handed to every training hook)."""
+
+    index: int  # the recipe stage's index
+    stage: Any  # its ``recipe.StageConfig``
+    model: nn.Module  # the model being trained (under DeepSpeed: the stage's copy of the run's model)
+    trainer: Any  # the stage's Lightning ``Trainer``
+    deepspeed: bool  # whether the strategy is DeepSpeed (it trains a copy; the run's model takes it back after)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done in this stage (a resumed stage starts where its checkpoint was)."""
+        return self.trainer.global_step
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size
+
+    @property
+    def optimizers(self) -> list:
+        return list(self.trainer.optimizers)
+
+    def attached_here(self, pruner: "Pruner") -> bool:
+        """Whether this stage is the one that attached ``pruner``."""
+        return pruner.stage == self.index
 
 
 @dataclass
@@ -44,7 +73,7 @@ class Pruner:
 
     def __init__(self, config: Optional[PrunerConfig] = None, **params: Any):
         self.config = config if config is not None else self.Config(**params)
-        self._stage: Optional[int] = None  # index of the recipe stage that attached it
+        self.stage: Optional[int] = None  # index of the recipe stage that attached it (set by the runner)
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -76,9 +105,41 @@ class Pruner:
         records it in metrics.json under "schedules" and the report prints it."""
         return None
 
-    def callbacks(self) -> List[Any]:
-        """Lightning callbacks through which the pruner acts during training (default: none)."""
-        return []
+    # -- training: called by the runner's one Lightning callback (``compress.lifecycle``), on every attached
+    # pruner, in every training stage, in this order. Defaults: nothing to do.
+    def stage_setup(self, run: StageRun) -> None:
+        """A training stage begins: before its optimizer is built and a mid-stage checkpoint restored (a pruner
+        whose parameters the optimizer must train adds them here)."""
+
+    def stage_start(self, run: StageRun) -> None:
+        """Training starts: after the checkpoint restore and the strategy's setup (``run.model`` is what trains)."""
+
+    def before_batch(self, run: StageRun) -> None:
+        """Before each training batch (e.g. a pruning event due at this step)."""
+
+    def before_optimizer_step(self, run: StageRun) -> None:
+        """Gradients are ready, the optimizer has not stepped (e.g. accumulate a Taylor importance)."""
+
+    def after_optimizer_step(self, run: StageRun) -> None:
+        """Once per optimizer step (not per accumulation batch), after it (e.g. re-apply masks)."""
+
+    def stage_end(self, run: StageRun) -> None:
+        """Training ended; the strategy (DeepSpeed's engine and process group) still stands."""
+
+    def stage_done(self, run: StageRun) -> None:
+        """After the strategy's teardown: ``run.model`` is unwrapped again (e.g. shrink it physically)."""
+
+    def own_loss(self, model: nn.Module, batch: Any, teacher: Optional[nn.Module]) -> Optional[Tuple[Any, Dict[str, Any]]]:
+        """The whole training loss of this batch, with figures to log, when the pruner trains through a forward
+        of its own (APTP's gated, routed UNet) in place of the task's; ``batch`` is what the task prepared from
+        the loader's batch (e.g. a noised latent batch). None (default): the task's own loss."""
+        return None
+
+    def forward_figures(self) -> Dict[str, Any]:
+        """Per-image figures of the model's last forward (tensors of shape (B,) or (B, k), e.g. the fraction of
+        tokens that exited early): tasks log their mean while training and average them over an evaluation, under
+        these keys. Default: none."""
+        return {}
 
     def external_parameters(self, model: nn.Module) -> List[Tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where ``module``'s forward uses a parameter that is not its own (ZeRO-3

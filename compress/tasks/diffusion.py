@@ -5,7 +5,7 @@ v (the model's ``prediction_type``), optionally min-SNR-gamma weighted (Hang et 
 come from the data (``cfg_dropout``) and give classifier-free guidance. A ``distill`` stage adds the
 MSE to the dense teacher's prediction, and with ``distill.block_weight`` the MSE of the UNet block outputs
 (APTP's block loss; routed experts are matched on their own samples). EMA (``model.ema_decay``) keeps shadow weights of what trains and
-copies them in when the stage ends. A pruner with ``diffusion_loss`` (APTP) takes over the loss.
+copies them in when the stage ends. A pruner with a loss of its own (``Pruner.own_loss``: APTP's router search) takes over the loss.
 
 Evaluation generates one image per prompt of the split (DDIM, guidance) and compares them with the
 split's images by FID and KID on the TF-Inception network (see ``compress.fid``).
@@ -57,7 +57,14 @@ class DiffusionModule(StageModule):
     def __init__(self, model: nn.Module, stage, teacher: Optional[nn.Module] = None):
         super().__init__(model, stage, teacher)
         self.scheduler = model.train_scheduler()
-        self._ema: Dict[str, torch.Tensor] = {}
+
+    def configure_callbacks(self):
+        """EMA (``model.ema_decay``): Lightning's weight averaging, checkpointed with the stage."""
+        if not self.model.ema_decay:
+            return []
+        from compress.callbacks import ModelEMA
+
+        return [ModelEMA(self.model.ema_decay)]
 
     def noisy_batch(self, batch) -> NoisyBatch:
         images, prompts, _ = batch
@@ -74,9 +81,9 @@ class DiffusionModule(StageModule):
 
     def training_step(self, batch, batch_idx):
         b = self.noisy_batch(batch)
-        custom = [p for p in self.pruners if hasattr(p, "diffusion_loss") and p.wants_loss()]
-        if custom:
-            loss, logs = custom[0].diffusion_loss(self.model, b, self.teacher)
+        own = self.pruner_loss(b)
+        if own is not None:
+            loss, logs = own
         else:
             route = self.model.route(b.pooled)
             blocks = self.teacher is not None and self.stage.distill.block_weight > 0
@@ -99,27 +106,6 @@ class DiffusionModule(StageModule):
             self.log(k, v)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    # -- EMA ---------------------------------------------------------------------------------------
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = self.model.ema_decay
-        if not decay:
-            return
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    s = self._ema.get(name)
-                    if s is None or s.shape != p.shape:
-                        self._ema[name] = p.detach().clone()
-                    else:
-                        s.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-    def on_train_end(self) -> None:
-        if self._ema:
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    if name in self._ema and self._ema[name].shape == p.shape:
-                        p.copy_(self._ema[name])
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

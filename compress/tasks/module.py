@@ -2,7 +2,9 @@
 
 The teacher is frozen, in eval mode and kept out of the module tree, so distributed strategies never
 wrap or shard it. Optimizers: AdamW or SGD over two parameter groups (no weight decay on norms,
-biases, position embeddings, class tokens and parameters flagged ``_no_weight_decay``, as Mamba's A and D) with a per-step cosine schedule and linear warm-up.
+biases, what the model's and its submodules' ``no_weight_decay()`` name (timm's convention: position embeddings, class
+and register tokens) and parameters flagged ``_no_weight_decay``, as Mamba marks A and D) with a per-step cosine
+schedule and linear warm-up.
 """
 from __future__ import annotations
 
@@ -13,7 +15,16 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 
-NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "dist_token")
+from compress.sharing import SharedList
+
+def no_decay_names(model: nn.Module) -> set:
+    """The names every (sub)module's ``no_weight_decay()`` gives (timm's convention), as paths in ``model``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    return names
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -50,8 +61,16 @@ class StageModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.stage = stage
-        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-        self.pruners: list = []  # the run's attached pruners; their state rides in mid-stage checkpoints
+        self._teacher = SharedList([teacher.eval().requires_grad_(False)] if teacher is not None else [])
+        self.pruners = []  # the run's attached pruners; their state rides in mid-stage checkpoints
+
+    @property
+    def pruners(self) -> list:
+        return self._pruners
+
+    @pruners.setter
+    def pruners(self, pruners) -> None:
+        self._pruners = SharedList(pruners)  # shared, never copied (e.g. by an EMA's copy of this module)
 
     @property
     def teacher(self) -> Optional[nn.Module]:
@@ -77,6 +96,20 @@ class StageModule(pl.LightningModule):
                 self.log(f"train/{pruner.name}_{k}", v, prog_bar=True)
         return loss
 
+    def pruner_loss(self, batch):
+        """The first attached pruner's ``own_loss`` for ``batch`` (what the task prepared), or None: the task's own."""
+        for pruner in self.pruners:
+            own = pruner.own_loss(self.model, batch, self.teacher)
+            if own is not None:
+                return own
+        return None
+
+    def log_forward_figures(self, policy) -> None:
+        """Log the mean of each per-image figure of ``policy``'s last forward (``Pruner.forward_figures``)."""
+        for key, value in (policy.forward_figures() if policy is not None else {}).items():
+            if value.dim() == 1:
+                self.log(f"train/{key}", float(value.float().mean()), prog_bar=True)
+
     def epoch_metrics(self) -> dict:
         """The training metrics of the epoch so far (for progress lines); default none."""
         return {}
@@ -93,9 +126,11 @@ class StageModule(pl.LightningModule):
     def configure_optimizers(self):
         cfg, sched = self.stage.optimizer, self.stage.schedule
         decay, no_decay = [], []
+        listed = no_decay_names(self.model)
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                skip = p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) or getattr(p, "_no_weight_decay", False)
+                skip = (p.ndim <= 1 or getattr(p, "_no_weight_decay", False)
+                        or any(name == n or name.startswith(n + ".") for n in listed))
                 (no_decay if skip else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if cfg.name == "sgd":

@@ -8,8 +8,8 @@ With DToP attached the maps are the early-exit ones, so every head trains on wha
 Evaluation (``evaluate``): one image at a time (images differ in size), whole or sliding window as the
 dataset says, logits resized to the label map; mmseg's dataset-level mIoU/mAcc/aAcc (``seg_metrics``).
 Each image's inference runs under ``FlopCounterMode``, so ``gmacs`` is the executed cost averaged
-over the images (DToP's depends on the image); with a token pruner the exit fractions per stage are
-averaged too. Then latency at batch 1 (median over up to 8 images) and images/s at batch up to 8 of
+over the images (DToP's depends on the image); with a token pruner its per-image figures (``forward_figures``:
+DToP's exit fractions, in all and per stage) are averaged too. Then latency at batch 1 (median over up to 8 images) and images/s at batch up to 8 of
 real images; the first images are kept as the measuring input of the run's benchmark (``example``).
 """
 from __future__ import annotations
@@ -65,9 +65,7 @@ class SegmentationModule(StageModule):
             kd = pixel_kd(final, t, cfg.temperature)
             self.log("train/kd", kd)
             loss = loss - cfg.alpha * ce + cfg.alpha * kd
-        policy = token_pruner(model)
-        if policy is not None and getattr(policy, "last", None):
-            self.log("train/exited", float(policy.last["exit_fraction"].sum(1).mean()), prog_bar=True)
+        self.log_forward_figures(token_pruner(model))
         loss = self.with_pruner_losses(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -110,8 +108,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: str = "cpu", la
     images = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=getattr(loader, "num_workers", 0))
     confusion = confusion_metric(num_classes, sync=False).to(dev)
     policy = token_pruner(model)
-    exits: List[torch.Tensor] = []
-    record = (lambda: exits.append(policy.last["exit_fraction"])) if policy is not None else None
+    figures: List[Dict[str, torch.Tensor]] = []  # the policy's per-image figures of every forward
+    record = (lambda: figures.append(policy.forward_figures())) if policy is not None else None
     macs, n, first = 0.0, 0, []
     for img, target in track(images, label, total=len(ds), unit="images"):
         img, target = img[None].to(dev), target.to(dev)
@@ -127,9 +125,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: str = "cpu", la
             first.append(img)
     out: Dict[str, Any] = scores(confusion.compute())
     out.update(images=n, gmacs=macs / max(n, 1) / 1e9)
-    if exits:
-        per_stage = torch.cat(exits).mean(0)
-        out.update(exit_fraction=float(per_stage.sum()) * 100, exit_fraction_stages=[float(v) * 100 for v in per_stage])
+    for key in dict.fromkeys(k for f in figures for k in f):  # mean over images: a number, or one per column
+        mean = torch.cat([f[key] for f in figures if key in f]).float().mean(0)
+        out[key] = float(mean) if mean.dim() == 0 else mean.tolist()
     if first:
         out.update(_timing(model, first, spec))
         if keep is not None:

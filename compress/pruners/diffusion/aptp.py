@@ -171,6 +171,10 @@ class APTP(Pruner):
     def wants_loss(self) -> bool:
         return not self.sliced
 
+    def own_loss(self, model, batch, teacher):
+        """Until the experts are sliced, the stage trains the router through the gated UNet (``diffusion_loss``)."""
+        return self.diffusion_loss(model, batch, teacher) if self.wants_loss() else None
+
     def _run(self, model, b, width, depth, capture: List[torch.Tensor]):
         try:
             self.hooks.set(width, depth)
@@ -223,20 +227,13 @@ class APTP(Pruner):
         return loss, logs
 
     # -- filtering and slicing -------------------------------------------------------------------
-    def callbacks(self) -> List[Any]:
-        import lightning.pytorch as pl
-
-        pruner = self
-
-        class _FilterAndSlice(pl.Callback):
-            def on_train_end(self, trainer, module):
-                if not pruner.sliced:
-                    loader = trainer.train_dataloader
-                    prompts = _dataset_prompts(loader.dataset) if loader is not None else []
-                    pruner.filter_prompts(module.model, prompts)
-                    pruner.slice(module.model)
-
-        return [_FilterAndSlice()]
+    def stage_end(self, run) -> None:
+        """The search is over: route the training prompts, then slice the experts (once)."""
+        if not self.sliced:
+            loader = run.trainer.train_dataloader
+            prompts = _dataset_prompts(loader.dataset) if loader is not None else []
+            self.filter_prompts(run.model, prompts)
+            self.slice(run.model)
 
     @torch.no_grad()
     def filter_prompts(self, model: nn.Module, prompts: List[str], chunk: int = 256) -> Dict[str, int]:

@@ -16,7 +16,7 @@ Optimizer and DDP: in a single process the model shrinks in ``on_train_batch_sta
 optimizer's param groups are pointed at the new tensors (their Adam/momentum state is dropped). Under
 a multi-process strategy (DDP, DeepSpeed) the DDP wrapper and sharded optimizers hold the old tensors,
 so removed heads/units are masked (their weights zeroed after every step, which also zeroes their
-gradients) and the model shrinks physically at the end of that stage (``on_fit_end``), before the
+gradients) and the model shrinks physically at the end of that stage (``stage_done``), before the
 next stage builds its own optimizer and wrapper. Under DeepSpeed the weights are read and masked through
 ``compress.zero`` (fp32 master copy; gathered under ZeRO-3), the stage trains a copy of the model, and
 ``rejoin`` shrinks the run's model once it holds the consolidated weights. If a prune stage does not train, the remaining
@@ -28,12 +28,11 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import Callback
 from pydantic import Field, model_validator
 
 from compress import distributed, zero
 from compress.errors import CompressError
-from compress.pruners.base import Pruner, PrunerConfig
+from compress.pruners.base import Pruner, PrunerConfig, StageRun
 from compress.pruners.structured.widths import (
     apply_widths, changed_widths, keep_heads, keep_hidden, param_names, read_widths, swap_optimizer_params,
     vit_blocks,
@@ -202,7 +201,10 @@ class HeadsPruner(Pruner):
         self._alive: List[Tuple[List[int], List[int]]] = []  # per block: live heads, live hidden units
         self._widths: List[Tuple[int, int]] = []  # per block: heads, hidden units the model has now
         self._taylor: List[Dict[str, torch.Tensor]] = []
-        self._callback: Optional[Callback] = None
+        self._attached = False
+        self._run_here = False  # this training stage runs the schedule (the first to train after attach)
+        self._trained_stages = 0
+        self._physical = True
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -212,14 +214,49 @@ class HeadsPruner(Pruner):
         self._model = model
         self._base = read_widths(model)
         self._reset_alive()
-        self._callback = _HeadsCallback(self)
+        self._trained_stages = 0
+        self._attached = True
 
     def detach(self, model: nn.Module) -> None:
         """Stop pruning; heads removed so far stay removed (the change is physical)."""
-        self._callback = None
+        self._attached = False
+        self._run_here = False
 
-    def callbacks(self) -> List[Callback]:
-        return [self._callback] if self._callback is not None else []
+    # -- training: the schedule runs in the first training stage after ``attach`` ---------------------
+    def stage_setup(self, run: StageRun) -> None:
+        if not self._attached:
+            return
+        self._trained_stages += 1
+        self._run_here = self._trained_stages == 1 and not self.done
+        # DeepSpeed trains a copy of the run's model (a new engine per stage): decide and mask on it, and let
+        # ``rejoin`` shrink the run's model once it holds the consolidated weights.
+        self._physical = run.world_size == 1 and not run.deepspeed
+        self._model = run.model
+
+    def before_batch(self, run: StageRun) -> None:
+        if self._run_here and not self.done and run.step >= (self.events_done + 1) * self.config.prune_every:
+            self.prune_event(physical=self._physical, optimizers=run.optimizers)
+
+    def before_optimizer_step(self, run: StageRun) -> None:
+        if self._run_here and self.config.importance == "taylor" and not self.done:
+            self.accumulate_taylor()
+
+    def after_optimizer_step(self, run: StageRun) -> None:
+        if self._run_here and not self._physical and self.masked:
+            self.apply_masks()
+
+    def stage_end(self, run: StageRun) -> None:
+        """Under DeepSpeed the last events run here, while the engine (and its process group) still stands:
+        ``stage_done`` comes after Lightning's teardown."""
+        if self._run_here and run.deepspeed:
+            while not self.done:
+                self.prune_event(physical=False)
+            self._run_here = False
+
+    def stage_done(self, run: StageRun) -> None:
+        if self._run_here:
+            self.complete(optimizers=run.optimizers if self._physical else ())
+            self._run_here = False
 
     @property
     def final_widths(self) -> List[Tuple[int, int]]:
@@ -371,54 +408,3 @@ def _mul(param: torch.Tensor, mask: torch.Tensor) -> None:
         zero.write(param, full * mask.to(full.device))
     else:
         param.mul_(mask.to(param.device))
-
-
-class _HeadsCallback(Callback):
-    """Runs the schedule in the first training stage after ``attach``."""
-
-    def __init__(self, pruner: HeadsPruner):
-        self.pruner = pruner
-        self.active = False
-        self.fits = 0
-        self.start_step = 0
-        self.physical = True
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            return
-        self.fits += 1
-        self.active = self.fits == 1 and not self.pruner.done
-        self.start_step = trainer.global_step
-        # DeepSpeed trains a copy of the run's model (a new engine per stage): decide and mask on it, and let
-        # ``rejoin`` shrink the run's model once it holds the consolidated weights.
-        self.deepspeed = "deepspeed" in type(trainer.strategy).__name__.lower()
-        self.physical = trainer.world_size == 1 and not self.deepspeed
-        self.pruner._model = getattr(pl_module, "model", pl_module)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        p = self.pruner
-        if not self.active or p.done:
-            return
-        if trainer.global_step - self.start_step >= (p.events_done + 1) * p.config.prune_every:
-            p.prune_event(physical=self.physical, optimizers=trainer.optimizers)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.active and self.pruner.config.importance == "taylor" and not self.pruner.done:
-            self.pruner.accumulate_taylor()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.active and not self.physical and self.pruner.masked:
-            self.pruner.apply_masks()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        """Under DeepSpeed the last events run here, while the engine (and its process group) still stands:
-        ``on_fit_end`` comes after Lightning's teardown."""
-        if self.active and self.deepspeed:
-            while not self.pruner.done:
-                self.pruner.prune_event(physical=False)
-            self.active = False
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.active:
-            self.pruner.complete(optimizers=trainer.optimizers if self.physical else ())
-            self.active = False

@@ -32,12 +32,11 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import Callback
 from pydantic import Field
 
 from compress import distributed
 from compress.errors import CompressError
-from compress.pruners.base import Pruner, PrunerConfig
+from compress.pruners.base import Pruner, PrunerConfig, StageRun
 from compress.pruners.structured import pai_scores
 from compress.pruners.structured.heads import round_width
 from compress.pruners.structured.widths import (
@@ -267,8 +266,9 @@ class PreCroppingPruner(Pruner):
     def detach(self, model: nn.Module) -> None:
         """Nothing to undo: the cropped widths are the model's architecture from now on."""
 
-    def callbacks(self) -> List[Callback]:
-        return [_SameWidthsOnAllRanks()] if self._model is not None else []
+    def stage_setup(self, run: StageRun) -> None:
+        if self._model is not None and not distributed.same_on_all_ranks(read_widths(run.model)):
+            raise CompressError("precropping: the ranks cropped the model to different widths")
 
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         return changed_widths(self._base, model)
@@ -293,9 +293,3 @@ def reinitialise(model: nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "reset_parameters") and m is not model:
             m.reset_parameters()
-
-
-class _SameWidthsOnAllRanks(Callback):
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if not distributed.same_on_all_ranks(read_widths(pl_module.model)):
-            raise CompressError("precropping: the ranks cropped the model to different widths")

@@ -382,19 +382,12 @@ class DiffRate(TokenPruner):
             self.rates = None
             self.prune_keep, self.merge_keep = list(state["prune_keep"]), list(state["merge_keep"])
 
-    def callbacks(self) -> List[Any]:
-        import lightning.pytorch as pl
+    def stage_setup(self, run) -> None:
+        """Before the optimizer is made, so it trains the distributions."""
+        self._start_search(run.model)
 
-        pruner = self
-
-        class _Search(pl.Callback):
-            def setup(self, trainer, module, stage):  # before the optimizer is made
-                pruner._start_search(module.model)
-
-            def on_train_end(self, trainer, module):
-                pruner._end_search(module.model)
-
-        return [_Search()]
+    def stage_end(self, run) -> None:
+        self._end_search(run.model)
 
     # -- the search's loss ------------------------------------------------------------------------
     def training_loss(self) -> Optional[Tuple[torch.Tensor, Dict[str, float]]]:

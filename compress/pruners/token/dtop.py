@@ -164,6 +164,13 @@ class DToP(TokenPruner):
     def expected_tokens(self) -> list:
         raise CompressError("dtop's token counts depend on the image; measure them (segmenter forward, last_exits)")
 
+    def forward_figures(self) -> Dict[str, torch.Tensor]:
+        """% of each image's tokens that exited early in the last forward, in all and per stage."""
+        if not getattr(self, "last", None):
+            return {}
+        exited = self.last["exit_fraction"] * 100
+        return {"exit_fraction": exited.sum(1), "exit_fraction_stages": exited}
+
     # -- per forward ---------------------------------------------------------------------------
     def segment(self, seg: nn.Module, x: torch.Tensor, grid: tuple) -> List[torch.Tensor]:
         """The segmenter's forward with early exits: every head's token-grid map (aux first, final last)."""

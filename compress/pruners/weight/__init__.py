@@ -2,56 +2,17 @@
 storage report. Unstructured zeros shrink the export, not the time of dense kernels."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from compress.pruners.base import Pruner
+from compress.pruners.base import Pruner, StageRun
 from compress.pruners.weight import masks as M
 
 SPEED_NOTE = ("note: unstructured sparsity shrinks the stored model, not dense-kernel time (images/s stays dense); "
               "2:4 patterns (n_m: [2, 4]) can run on sparse tensor cores via compress.pruners.weight.masks.to_semi_structured")
-
-
-@functools.lru_cache(maxsize=None)
-def callback_class() -> type:
-    """The Lightning callback class, built on first use so ``compress.load`` never imports Lightning."""
-    import lightning.pytorch as pl
-
-    class WeightPruningCallback(pl.Callback):
-        """Calls the pruner after every optimizer step (``global_step`` moved), at stage start and end."""
-
-        def __init__(self, pruner: "WeightPruner"):
-            self.pruner = pruner
-            self._last_step: Optional[int] = None
-
-        @property
-        def state_key(self) -> str:
-            return f"WeightPruning[{self.pruner.name}@{self.pruner._stage}]"
-
-        def on_train_start(self, trainer, pl_module) -> None:  # after checkpoint restore and strategy setup
-            self.pruner.bind(getattr(pl_module, "model", pl_module))
-            self.pruner.on_stage_start(getattr(pl_module, "stage", None))
-            self._last_step = trainer.global_step
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if trainer.global_step != self._last_step:  # an optimizer step happened (not just an accumulation batch)
-                self._last_step = trainer.global_step
-                self.pruner.after_optimizer_step()
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            self.pruner.on_stage_end(getattr(pl_module, "stage", None))
-
-        def state_dict(self) -> Dict[str, Any]:
-            return self.pruner.state_dict()
-
-        def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-            self.pruner.load_state_dict(state_dict)
-
-    return WeightPruningCallback
 
 
 class WeightPruner(Pruner):
@@ -97,9 +58,6 @@ class WeightPruner(Pruner):
     def rejoin(self, model: nn.Module) -> None:
         self.bind(model)
 
-    def callbacks(self) -> List[Any]:
-        return [callback_class()(self)]
-
     # -- decisions --------------------------------------------------------------------------------
     def select(self, sparsity: float) -> M.Masks:
         """Per-layer magnitude masks at ``sparsity`` (or N:M), decided on rank 0 and broadcast."""
@@ -109,7 +67,16 @@ class WeightPruner(Pruner):
     def enforce(self) -> None:
         M.apply_masks(self.layers, self.masks)
 
+    def stage_start(self, run: StageRun) -> None:
+        """Bind to the model that trains (a copy under ddp_spawn/DeepSpeed), then ``on_stage_start``."""
+        self.bind(run.model)
+        self.on_stage_start(run.stage)
+
+    def stage_end(self, run: StageRun) -> None:
+        self.on_stage_end(run.stage)
+
     def on_stage_start(self, stage) -> None:
+        """Hook with the recipe stage (``StageConfig``): every rank takes rank 0's masks, re-applied."""
         if self.masks:
             self.masks = M.broadcast_masks(self.masks)
             self.enforce()
@@ -117,7 +84,7 @@ class WeightPruner(Pruner):
     def on_stage_end(self, stage) -> None:
         pass
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, run: Optional[StageRun] = None) -> None:
         self.step += 1
         self.enforce()
 

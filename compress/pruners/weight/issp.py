@@ -36,7 +36,7 @@ class ISSP(WeightPruner):
         super().__init__(config, **params)
         self.frozen = False
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, run=None) -> None:
         if self.frozen:
             self.enforce()
             return

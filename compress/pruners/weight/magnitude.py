@@ -82,7 +82,7 @@ class Magnitude(WeightPruner):
             self.masks = self.select(self.current)
         super().on_stage_start(stage)
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, run=None) -> None:
         self.step += 1
         cfg = self.config
         if cfg.schedule == "cubic" and cfg.start_step <= self.step <= cfg.end_step and (
