@@ -66,8 +66,10 @@ MODELS: Registry = Registry("model", "compress.models")
 PRUNERS: Registry = Registry("pruner", "compress.pruners")
 DATASETS: Registry = Registry("dataset", "compress.data")
 TASKS: Registry = Registry("task", "compress.tasks")
+FAMILIES: Registry = Registry("model family", "compress.families")
 
 register_model = MODELS.register
 register_pruner = PRUNERS.register
 register_dataset = DATASETS.register
 register_task = TASKS.register
+register_family = FAMILIES.register

@@ -20,6 +20,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 
 from compress.errors import CompressError
+from compress.families.vit import block_macs, require_vit, vit_geometry  # noqa: F401  (re-exported: the ViT family's)
 
 
 @dataclass
@@ -304,42 +305,6 @@ def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor, sort: bo
     if state.size is not None:
         state.size = state.size.gather(1, full)
     return take_rows(x, full)
-
-
-def require_vit(model: nn.Module, who: str = "token pruning") -> None:
-    """Token pruning patches timm's ViT blocks; say so, naming ``who`` and the model, before anything
-    fails deep inside on another architecture (a CNN, a Mamba)."""
-    blocks = getattr(model, "blocks", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    ok = (isinstance(blocks, nn.Sequential) and len(blocks) > 0 and grid is not None
-          and all(isinstance(b, Block) and isinstance(getattr(b, "attn", None), Attention) for b in blocks))
-    if not ok:
-        raise CompressError(f"{who} works on timm vision transformers (patch_embed + blocks of timm Block/Attention: "
-                            f"vit_*, deit_*, quickstart_vit, ...), not on {type(model).__name__}")
-
-
-def vit_geometry(model: nn.Module, who: str = "token pruning") -> Dict[str, Any]:
-    """Depth, width, MLP ratio, token count and prefix count of a timm ViT (for schedules)."""
-    require_vit(model, who)
-    blocks = model.blocks
-    dim = blocks[0].norm1.weight.shape[0] if hasattr(blocks[0].norm1, "weight") else model.embed_dim
-    hidden = blocks[0].mlp.fc1.out_features
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    grid = model.patch_embed.grid_size
-    return {
-        "depth": len(blocks),
-        "dim": dim,
-        "mlp_hidden": hidden,
-        "num_prefix": num_prefix,
-        "num_patches": int(grid[0] * grid[1]),
-        # the head reads the prefix tokens alone: after the last attention the patch tokens are dead weight
-        "head_reads_prefix": getattr(model, "global_pool", "token") == "token" and num_prefix > 0,
-    }
-
-
-def block_macs(n_attn: int, n_mlp: int, dim: int, hidden: int) -> float:
-    """MACs of one ViT block: qkv + proj + attention on ``n_attn`` tokens, the MLP on ``n_mlp``."""
-    return n_attn * 4 * dim * dim + 2 * n_attn * n_attn * dim + n_mlp * 2 * dim * hidden
 
 
 def schedule_macs_ratio(geometry: Dict[str, Any], tokens_per_block: list) -> float:

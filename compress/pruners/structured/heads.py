@@ -32,6 +32,8 @@ from pydantic import Field, model_validator
 
 from compress import distributed, zero
 from compress.errors import CompressError
+from compress.families import family_of
+from compress.families.vit import ViT, block_macs, tokens_in
 from compress.pruners.base import Pruner, PrunerConfig, StageRun
 from compress.pruners.structured.widths import (
     apply_widths, changed_widths, keep_heads, keep_hidden, param_names, read_widths, swap_optimizer_params,
@@ -70,19 +72,6 @@ def round_width(x: float, full: int, multiple: int, least: int = 1) -> int:
     return int(min(full, max(multiple, least, round(x / multiple) * multiple)))
 
 
-def _tokens(model: nn.Module) -> int:
-    n = getattr(model.patch_embed, "num_patches", None)
-    if n is None:
-        raise CompressError("model: cannot read patch_embed.num_patches (needed for target_gmacs_ratio)")
-    return int(n) + int(getattr(model, "num_prefix_tokens", 1))
-
-
-def block_macs(n: int, dim: int, head_dim: int, heads: int, hidden: int, gated: bool = False) -> int:
-    """MACs per image of one block: qkv, q@k, attn@v, proj (and gate), fc1, fc2."""
-    width = heads * head_dim
-    return n * dim * width * (4 + int(gated)) + 2 * n * n * width + 2 * n * dim * hidden
-
-
 class Plan:
     """Base widths of every block and the widths a budget asks for."""
 
@@ -92,10 +81,11 @@ class Plan:
         self._model = model
 
     def macs(self, widths: List[Tuple[int, int]]) -> float:
-        n = _tokens(self._model)
-        total = sum(block_macs(n, d, hd, h, m, g) for (h, m), (d, hd, g) in zip(widths, self._dims))
-        pe = self._model.patch_embed.proj
-        rest = pe.weight.numel() * int(self._model.patch_embed.num_patches)
+        host = family_of(self._model, default=ViT).token_host(self._model)  # the ViT (a segmenter's backbone)
+        n = tokens_in(host)
+        total = sum(block_macs(n, n, d, m, width=h * hd, gated=g) for (h, m), (d, hd, g) in zip(widths, self._dims))
+        pe = host.patch_embed.proj
+        rest = pe.weight.numel() * int(host.patch_embed.num_patches)
         head = getattr(self._model, "head", None)
         if isinstance(head, nn.Linear):
             rest += head.weight.numel()

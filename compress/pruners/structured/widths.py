@@ -127,20 +127,11 @@ def vit_attentions(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def vit_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
-    """(block name, attention, MLP) for every transformer block of a timm VisionTransformer."""
-    from timm.layers import Attention, Mlp
+    """(block name, attention, MLP) of every prunable block, as the model's family declares them."""
+    from compress.families import family_of
+    from compress.families.vit import ViT
 
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "patch_embed"):
-        raise CompressError(f"model: {type(model).__name__} is not a timm VisionTransformer (no blocks/patch_embed)")
-    out = []
-    for i, block in enumerate(blocks):
-        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-        if type(attn) is not Attention or type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
-            raise CompressError(f"model: blocks.{i} is not a timm Attention + Mlp block "
-                                f"({type(attn).__name__}, {type(mlp).__name__}); only those can be pruned")
-        out.append((f"blocks.{i}", attn, mlp))
-    return out
+    return family_of(model, default=ViT).blocks(model)  # no family: ViT's check says what is missing
 
 
 def set_heads(attn: nn.Module, num_heads: int) -> None:

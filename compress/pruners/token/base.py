@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import tokens
+from compress.families import Family, family_of
 from compress.pruners.base import Pruner
 
 
@@ -19,13 +20,20 @@ class TokenPruner(Pruner, tokens.TokenPolicy):
     def plan(self, geometry: Dict[str, Any]) -> None:
         """Turn the config (schedule or budget) into per-layer decisions for this model."""
 
+    def host(self, model: nn.Module) -> nn.Module:
+        """The timm ViT inside ``model`` whose blocks this pruner patches (the model family says which)."""
+        host = family_of(model, default=Family).token_host(model)  # no family: the model, refused just below
+        tokens.require_vit(host, f"pruner {self.name!r}")
+        return host
+
     def attach(self, model: nn.Module) -> None:
-        self.geometry = tokens.vit_geometry(model, f"pruner {self.name!r}")
+        host = self.host(model)
+        self.geometry = tokens.vit_geometry(host, f"pruner {self.name!r}")
         self.plan(self.geometry)
-        tokens.patch(model, self)
+        tokens.patch(host, self)
 
     def detach(self, model: nn.Module) -> None:
-        tokens.remove_patch(model)
+        tokens.remove_patch(self.host(model))
 
     def pinned(self) -> Dict[str, Any]:
         """Config values that reproduce the current plan whatever the defaults of a later version are

@@ -255,7 +255,7 @@ class DiffRate(TokenPruner):
             self.prune_keep, self.merge_keep = self.fit_shape(
                 sorted(cal.starts)[len(cal.starts) // 2], sorted(cal.powers)[len(cal.powers) // 2],
                 sorted(cal.merge_shares)[len(cal.merge_shares) // 2])
-        elif self.prune_keep is None:  # to be searched by a training stage (``callbacks``)
+        elif self.prune_keep is None:  # to be searched by a training stage (``stage_setup``)
             g = self.geometry
             self.rates = Rates(g["depth"], g["num_patches"], self.config.granularity, self._final())
             self.rates.to(next(model.parameters()).device).train(False)  # model.train() in the stage turns it on

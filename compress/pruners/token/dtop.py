@@ -149,13 +149,11 @@ class DToP(TokenPruner):
             raise CompressError(f"threshold: {len(self.thresholds)} values for {len(model.aux_blocks)} auxiliary heads "
                                 f"(aux_blocks {model.aux_blocks})")
         self.stage_at = {b + 1: m for m, b in enumerate(model.aux_blocks)}  # block entered -> stage that ends there
-        self.geometry = tokens.vit_geometry(model.backbone)
+        host = self.host(model)
+        self.geometry = tokens.vit_geometry(host)
         self._run: Optional[_Forward] = None
         self.last: Dict[str, Any] = {}
-        tokens.patch(model.backbone, self)
-
-    def detach(self, model: nn.Module) -> None:
-        tokens.remove_patch(model.backbone)
+        tokens.patch(host, self)
 
     def trace_problem(self) -> Optional[str]:
         return ("its exits depend on each image's confidences, so the number of tokens each block runs on is "

@@ -166,7 +166,7 @@ class GTP(TokenPruner):
         self.prop_attn = bool(self.config.token_scale)
 
     def attach(self, model: nn.Module) -> None:
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        grid = getattr(getattr(self.host(model), "patch_embed", None), "grid_size", None)
         self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
         super().attach(model)
 
