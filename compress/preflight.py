@@ -14,11 +14,10 @@ from compress.recipe import Recipe
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning messages that are expected in this runner (no val loader, tips)."""
+    """Silence Lightning messages that are expected in this runner (tips, few workers)."""
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")

@@ -38,7 +38,6 @@ class ClassificationTask(StageModule):
     def __init__(self, model: nn.Module, num_classes: int, stage, teacher: Optional[nn.Module] = None):
         super().__init__(model, stage, teacher)
         self.train_metrics = accuracy_metrics(num_classes).clone(prefix="train/")
-        self.val_metrics = accuracy_metrics(num_classes).clone(prefix="val/")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -68,13 +67,7 @@ class ClassificationTask(StageModule):
         self.log_dict(self.train_metrics.compute(), prog_bar=True)
         self.train_metrics.reset()
 
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_metrics.update(self.model(x), y)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
-        self.val_metrics.reset()
+    # evaluation runs outside the Trainer, in one process, through ``Classification.evaluate``
 
 
 @torch.inference_mode()
