@@ -93,7 +93,6 @@ def check_pruners(recipe: Recipe, model: nn.Module) -> List[tuple]:
     """Attach every prune stage's pruner to a throw-away copy of the model, in order, so errors that
     depend on the model (e.g. a schedule past its depth) fail now, not after the earlier stages trained.
     Returns (where, split) for every pruner that will ask for calibration images."""
-
     stages = [(i, s) for i, s in enumerate(recipe.stages) if s.pruner is not None]
     if not stages:
         return []

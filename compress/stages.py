@@ -89,7 +89,6 @@ def _teacher(ctx: RunContext, i: int, stage) -> nn.Module:
 def run_stage(ctx: RunContext, i: int, stage, ckpt_path: Optional[str] = None) -> None:
     import lightning.pytorch as pl
 
-
     stage_dir = stage_folder(ctx.run_dir, i, stage.kind)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if stage.kind == "prune":

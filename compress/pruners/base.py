@@ -41,10 +41,6 @@ class StageRun:
     def optimizers(self) -> list:
         return list(self.trainer.optimizers)
 
-    def attached_here(self, pruner: "Pruner") -> bool:
-        """Whether this stage is the one that attached ``pruner``."""
-        return pruner.stage == self.index
-
 
 @dataclass
 class Measuring:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from compress.sharing import SharedList
 
+
 def no_decay_names(model: nn.Module) -> set:
     """The names every (sub)module's ``no_weight_decay()`` gives (timm's convention), as paths in ``model``."""
     names = set()

@@ -12,7 +12,7 @@ Physically smaller at once: removed rows/columns leave the ``nn.Linear`` layers 
 torch-pruning's pruning functions, and ``num_heads``/``attn_dim`` of timm's ``Attention`` follow, so
 fused SDPA keeps working. Rank 0 decides and broadcasts the kept indices (``distributed.decide_on_rank0``).
 
-Optimizer and DDP: in a single process the model shrinks in ``on_train_batch_start`` and the
+Optimizer and DDP: in a single process the model shrinks in ``before_batch`` and the
 optimizer's param groups are pointed at the new tensors (their Adam/momentum state is dropped). Under
 a multi-process strategy (DDP, DeepSpeed) the DDP wrapper and sharded optimizers hold the old tensors,
 so removed heads/units are masked (their weights zeroed after every step, which also zeroes their
@@ -79,9 +79,10 @@ class Plan:
         self.blocks = [(attn.num_heads, mlp.fc1.out_features) for _, attn, mlp in vit_blocks(model)]
         self._dims = [(attn.qkv.in_features, attn.head_dim, attn.gate is not None) for _, attn, _ in vit_blocks(model)]
         self._model = model
+        self._host = family_of(model, default=ViT).token_host(model)  # the ViT (a segmenter's backbone)
 
     def macs(self, widths: List[Tuple[int, int]]) -> float:
-        host = family_of(self._model, default=ViT).token_host(self._model)  # the ViT (a segmenter's backbone)
+        host = self._host
         n = tokens_in(host)
         total = sum(block_macs(n, n, d, m, width=h * hd, gated=g) for (h, m), (d, hd, g) in zip(widths, self._dims))
         pe = host.patch_embed.proj
