@@ -18,7 +18,6 @@ from compress.errors import CompressError
 from compress.deploy import TOLERANCE, difference  # max |compiled - eager| relative to the largest eager output
 
 
-
 class CompiledModel(nn.Module):
     """``torch.compile(model)`` behind ``nn.Module``'s call; remembers how long each new input shape took to
     compile (its first call). ``eager_model`` is the model itself: its GMACs and parameters are the compiled
@@ -69,16 +68,27 @@ def graph_breaks(model: nn.Module, *inputs: torch.Tensor) -> Dict[str, Any]:
 
 def check(compiled: CompiledModel, example_for: Callable[[int], Any], batch_size: int) -> Dict[str, Any]:
     """Compiled vs eager on one batch: the largest difference, absolute and relative to the largest output, and
-    the compile time of that shape. Raises when it is over ``TOLERANCE``."""
-    args = example_for(batch_size)
+    the compile time of that shape. Raises when it is over ``TOLERANCE``, saying how many samples differ.
+
+    The batch is drawn from a fixed seed, so a failure repeats. Token pruners make discrete, data-dependent
+    choices (which tokens to merge or drop); where two candidates score within rounding of each other, the
+    compiled kernels' different summation order can pick the other one for that sample: a few samples far off
+    while the rest agree to ~1e-6 is that, not a wrong kernel."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        args = example_for(batch_size)
     args = args if isinstance(args, tuple) else (args,)
     with torch.inference_mode():
         want = compiled.eager_model(*args)
         got = compiled(*args)
     result = {"batch_size": batch_size, **difference(got, want), "compile_seconds": compiled.compile_seconds.get(_shape_key(args))}
     if not result["max_rel_diff"] <= TOLERANCE:
+        per_sample = (got.float() - want.float()).flatten(1).abs().amax(1) / (float(want.abs().max()) or 1.0)
+        off = int((per_sample > TOLERANCE).sum())
         raise CompressError(f"the compiled model differs from eager by {result['max_abs_diff']:.3g} (relative "
-                            f"{result['max_rel_diff']:.3g}, tolerance {TOLERANCE:g}) at batch {batch_size}")
+                            f"{result['max_rel_diff']:.3g}, tolerance {TOLERANCE:g}) at batch {batch_size}, in {off} of "
+                            f"{len(per_sample)} samples" + (" (a discrete token choice flipped on near-tied scores in "
+                                                           "those: see compress.compiled.check)" if off < len(per_sample) else ""))
     return result
 
 

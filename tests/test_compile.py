@@ -90,3 +90,25 @@ def test_unknown_backend_is_one_line(tmp_path, capsys):
     assert main(["bench", "--checkpoint", str(folder), "--compile", "nope", "--batch-sizes", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown torch.compile backend 'nope'" in err and len(err.splitlines()) == 1
+
+
+def test_check_draws_a_fixed_batch_and_names_the_samples_that_differ():
+    model = torch.nn.Linear(4, 3).eval()
+    runner = compiled.CompiledModel(model, backend="eager")
+    seen = []
+
+    def example_for(n):
+        seen.append(torch.randn(n, 4))
+        return seen[-1]
+
+    compiled.check(runner, example_for, 5)
+    compiled.check(runner, example_for, 5)
+    assert torch.equal(seen[0], seen[1])  # a failure repeats: the batch does not depend on the global RNG's state
+
+    class OneSampleOff(torch.nn.Module):  # as if one sample's discrete choice had flipped
+        def forward(self, x):
+            return model(x) + 10.0 * (torch.arange(len(x)) == 2).unsqueeze(1)
+
+    runner.compiled = OneSampleOff()
+    with pytest.raises(CompressError, match=r"at batch 5, in 1 of 5 samples \(a discrete token choice flipped"):
+        compiled.check(runner, example_for, 5)
