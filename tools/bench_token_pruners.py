@@ -12,6 +12,10 @@ differences on the same images are tighter, and the agreement with dense and KL(
 columns measure how far each pruner moves the outputs without needing labels). Speed-ups are measured against dense in the same
 process, interleaved, median of repeats. Writes tools/results/token_pruners_deit_tiny.{json,md,png}.
 
+At the ``--compile-budgets`` (default 0.65) each row is also timed under ``torch.compile`` (inductor; static
+shapes, one compile per batch size): compiled pruned against compiled dense and against eager dense, in the same
+interleaved rounds as the eager pair, after checking the compiled models against eager on real images.
+
 DiffRate, which learns its schedule, has two kinds of rows: ``diffrate released`` applies the official DeiT-Tiny
 rates (public numbers) through our implementation, at the budgets they were searched for; ``diffrate`` is our
 search (``tools/search_diffrate.py``, its JSON given by ``--diffrate-schedules``; by default the KL-to-dense shape
@@ -75,13 +79,34 @@ def learned_diffrate_specs(searched) -> dict:
     return {b: f for b, f in sorted(by_budget.items(), reverse=True) if set(f) == {0, 1}}
 
 
-def speed(dense, pruned, input_size, batch_sizes, repeats, round_seconds):
+def speed(dense, pruned, input_size, batch_sizes, repeats, round_seconds, compiled=None):
     """Speed-up per batch size: the median of the interleaved rounds' ratios (``measure.profile``, the protocol
-    ``compress bench`` uses), with the rounds kept for the spread."""
-    prof = measure.profile({"dense": dense, "pruned": pruned}, input_size, batch_sizes, repeats=repeats,
-                           round_seconds=round_seconds)
+    ``compress bench`` uses), with the rounds kept for the spread. ``compiled``: the two compiled runners, timed in
+    the same rounds; their figures come back under "compiled"."""
+    models = {"dense": dense, "pruned": pruned, **(compiled or {})}
+    prof = measure.profile(models, input_size, batch_sizes, repeats=repeats, round_seconds=round_seconds)
     rounds = measure.round_ratios(prof["pruned"], prof["dense"])
-    return {bs: statistics.median(v) for bs, v in rounds.items()}, rounds, prof
+    figures = {}
+    if compiled:
+        against = {"speedup": measure.round_ratios(prof["pruned (compiled)"], prof["dense (compiled)"]),
+                   "vs_eager_dense": measure.round_ratios(prof["pruned (compiled)"], prof["dense"]),
+                   "dense_vs_eager_dense": measure.round_ratios(prof["dense (compiled)"], prof["dense"])}
+        figures = {k: {bs: statistics.median(v) for bs, v in r.items()} for k, r in against.items()}
+        figures["rounds"] = against["speedup"]
+    return {bs: statistics.median(v) for bs, v in rounds.items()}, rounds, prof, figures
+
+
+def compiled_pair(dense_runner, pruned, data, batch_sizes):
+    """The compiled dense (shared by every row) and pruned runners, each checked against eager on real images at
+    every batch size, with the pruned one's graph breaks."""
+    from compress import compiled as comp
+
+    runner = comp.CompiledModel(pruned.eval())
+    example = lambda bs: data.tensors[0][:bs]  # noqa: E731
+    checks = {name: [comp.check(r, example, bs) for bs in batch_sizes]
+              for name, r in (("dense", dense_runner), ("pruned", runner))}
+    return {"dense (compiled)": dense_runner, "pruned (compiled)": runner}, {
+        "checks": checks, **comp.graph_breaks(pruned, example(1))}
 
 
 def plot(result, path: Path) -> None:
@@ -144,6 +169,37 @@ def before_after(result, before) -> str:
                       table(rows, cols), ""])
 
 
+def compiled_section(result) -> list:
+    """The rows timed under torch.compile: compiled pruned vs compiled dense and vs eager dense, beside eager."""
+    sizes = result["batch_sizes"]
+    rows = {}
+    for r in result["rows"]:
+        c = r.get("compiled")
+        if not c:
+            continue
+        diff = max(k["max_rel_diff"] for ks in c["checks"].values() for k in ks)
+        secs = max(k["compile_seconds"] or 0 for k in c["checks"]["pruned"])
+        rows[f"{r['pruner']} @ {r['budget']:.2f}"] = {
+            "ratio": r["gmacs_ratio"], "ideal": 1 / r["gmacs_ratio"], "diff": f"{diff:.1e}", "secs": secs, "breaks": c["breaks"],
+            **{f"e{bs}": r["speedup"][str(bs)] for bs in sizes}, **{f"c{bs}": c["speedup"][str(bs)] for bs in sizes},
+            **{f"r{bs}": f"{min(c['rounds'][str(bs)]):.2f}-{max(c['rounds'][str(bs)]):.2f}" for bs in sizes},
+            **{f"v{bs}": c["vs_eager_dense"][str(bs)] for bs in sizes},
+            **{f"d{bs}": c["dense_vs_eager_dense"][str(bs)] for bs in sizes}}
+    if not rows:
+        return []
+    cols = [("ratio", "GMACs ratio", ".3f"), ("ideal", "1/ratio", ".2f")]
+    for bs in sizes:
+        cols += [(f"e{bs}", f"eager @{bs}", ".2f"), (f"c{bs}", f"compiled @{bs}", ".2f"), (f"r{bs}", "rounds", "s"),
+                 (f"v{bs}", f"compiled pruned / eager dense @{bs}", ".2f"), (f"d{bs}", f"compiled dense / eager dense @{bs}", ".2f")]
+    cols += [("diff", "largest difference from eager", "s"), ("secs", "compile s (pruned, per shape)", ".0f"),
+             ("breaks", "graph breaks", "d")]
+    return ["## Under torch.compile", "",
+            "The same models under `torch.compile` (inductor, static shapes), timed in the same interleaved rounds as the "
+            "eager pair: 'eager' = pruned / dense both eager (the main table's column, this run), 'compiled' = compiled pruned "
+            "/ compiled dense. Each compiled model was first checked against eager on the real images at every batch size "
+            "(largest difference relative to the largest output; tolerance 1e-4).", "", table(rows, cols), ""]
+
+
 def markdown(result, argv, before=None) -> str:
     sizes = result["batch_sizes"]
     d = result["dense"]
@@ -178,6 +234,7 @@ def markdown(result, argv, before=None) -> str:
             lines.append(f"- {name}: top-1 {r['top1']:.1f} ({r['top1'] - d['top1']:+.1f}) at {r['gmacs_ratio']:.3f} of dense GMACs; "
                          f"speed-up {speeds} of the {1 / r['gmacs_ratio']:.2f}x the GMACs allow")
         lines.append("")
+    lines += compiled_section(result)
     if before is not None:
         lines.append(before_after(result, before))
     lines.append(f"Regenerate: `python tools/bench_token_pruners.py {' '.join(argv)}` ({result['seconds']:.0f} s)")
@@ -199,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "token_pruners_deit_tiny")
     p.add_argument("--diffrate-schedules", type=Path, default=HERE / "results" / "diffrate_schedules_shapes.json",
                    help=f"the searches of tools/search_diffrate.py, for the {DIFFRATE_LEARNED!r} rows")
+    p.add_argument("--compile-budgets", default="0.65", help="budgets whose rows are also timed under torch.compile "
+                   "(inductor), comma-separated; '' for none. DiffRate rows within 0.015 of one count")
     p.add_argument("--before", type=Path, help="JSON of an earlier run, shown beside this one (its \"note\" says what it was)")
     args = p.parse_args(argv)
 
@@ -229,16 +288,28 @@ def main(argv=None) -> int:
               "dense": {"gmacs": measure.count_gmacs(dense, example), "top1": acc["top1"]["dense"], "top5": acc["top5"]["dense"]},
               "rows": []}
     print(f"dense: top-1 {result['dense']['top1']:.1f}, {result['dense']['gmacs']:.3f} GMACs", flush=True)
+    compile_budgets = [float(b) for b in args.compile_budgets.split(",") if b.strip()]
+    dense_compiled = []  # one compiled dense for every row: inductor compiles each batch size once
+
     def add_row(label, budget, spec, models, logits, note=None):
         stats = bench_assets.paired(dense_logits, logits, labels_y)
         gmacs = statistics.mean(measure.count_gmacs(m, example) for m in models)
-        speedup, rounds, prof = speed(dense, models[0], input_size, sizes, args.repeats, args.round_seconds)
+        runners, compiled_info = None, None
+        if any(abs(budget - b) <= 0.015 for b in compile_budgets):
+            from compress.compiled import CompiledModel
+
+            dense_compiled[:] = dense_compiled or [CompiledModel(dense)]
+            runners, compiled_info = compiled_pair(dense_compiled[0], models[0], data, sizes)
+        speedup, rounds, prof, compiled_figures = speed(dense, models[0], input_size, sizes, args.repeats, args.round_seconds, runners)
         row = {"pruner": label, "budget": budget, "spec": spec, "gmacs": gmacs, "gmacs_ratio": gmacs / result["dense"]["gmacs"],
                "top1": stats["top1"]["pruned"], "top5": stats["top5"]["pruned"], "paired": stats, "speedup": speedup,
-               "speedup_rounds": rounds, "profile": prof, **({"note": note} if note else {})}
+               "speedup_rounds": rounds, "profile": prof, **({"note": note} if note else {}),
+               **({"compiled": {**compiled_info, **compiled_figures}} if runners else {})}
         result["rows"].append(row)
         print(f"{label} @ {budget}: top-1 {row['top1']:.1f}, agreement {stats['agreement']:.1f}, GMACs ratio {row['gmacs_ratio']:.3f}, "
-              "speed-up " + ", ".join(f"{v:.2f}x @{bs}" for bs, v in speedup.items()), flush=True)
+              "speed-up " + ", ".join(f"{v:.2f}x @{bs}" for bs, v in speedup.items())
+              + ("; compiled " + ", ".join(f"{v:.2f}x @{bs}" for bs, v in compiled_figures["speedup"].items()) if runners else ""),
+              flush=True)
 
     def attached(spec):
         pruned = copy.deepcopy(dense)
