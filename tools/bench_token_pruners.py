@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -237,7 +238,7 @@ def markdown(result, argv, before=None) -> str:
     lines += compiled_section(result)
     if before is not None:
         lines.append(before_after(result, before))
-    lines.append(f"Regenerate: `python tools/bench_token_pruners.py {' '.join(argv)}` ({result['seconds']:.0f} s)")
+    lines.append(f"Regenerate: `python tools/bench_token_pruners.py {shlex.join(argv)}` ({result['seconds']:.0f} s)")
     return "\n".join(lines) + "\n"
 
 
