@@ -39,7 +39,7 @@ import torch
 
 import bench_assets
 
-from compress import measure
+from compress import compiled, measure
 from compress.models import build_model
 from compress.pruners.base import build_pruner
 from compress.recipe import ModelConfig
@@ -80,15 +80,15 @@ def learned_diffrate_specs(searched) -> dict:
     return {b: f for b, f in sorted(by_budget.items(), reverse=True) if set(f) == {0, 1}}
 
 
-def speed(dense, pruned, input_size, batch_sizes, repeats, round_seconds, compiled=None):
+def speed(dense, pruned, input_size, batch_sizes, repeats, round_seconds, compiled_runners=None):
     """Speed-up per batch size: the median of the interleaved rounds' ratios (``measure.profile``, the protocol
-    ``compress bench`` uses), with the rounds kept for the spread. ``compiled``: the two compiled runners, timed in
+    ``compress bench`` uses), with the rounds kept for the spread. ``compiled_runners``: the two compiled models, timed in
     the same rounds; their figures come back under "compiled"."""
-    models = {"dense": dense, "pruned": pruned, **(compiled or {})}
+    models = {"dense": dense, "pruned": pruned, **(compiled_runners or {})}
     prof = measure.profile(models, input_size, batch_sizes, repeats=repeats, round_seconds=round_seconds)
     rounds = measure.round_ratios(prof["pruned"], prof["dense"])
     figures = {}
-    if compiled:
+    if compiled_runners:
         against = {"speedup": measure.round_ratios(prof["pruned (compiled)"], prof["dense (compiled)"]),
                    "vs_eager_dense": measure.round_ratios(prof["pruned (compiled)"], prof["dense"]),
                    "dense_vs_eager_dense": measure.round_ratios(prof["dense (compiled)"], prof["dense"])}
@@ -97,17 +97,10 @@ def speed(dense, pruned, input_size, batch_sizes, repeats, round_seconds, compil
     return {bs: statistics.median(v) for bs, v in rounds.items()}, rounds, prof, figures
 
 
-def compiled_pair(dense_runner, pruned, data, batch_sizes):
-    """The compiled dense (shared by every row) and pruned runners, each checked against eager on real images at
-    every batch size, with the pruned one's graph breaks."""
-    from compress import compiled as comp
-
-    runner = comp.CompiledModel(pruned.eval())
-    example = lambda bs: data.tensors[0][:bs]  # noqa: E731
-    checks = {name: [comp.check(r, example, bs) for bs in batch_sizes]
-              for name, r in (("dense", dense_runner), ("pruned", runner))}
-    return {"dense (compiled)": dense_runner, "pruned (compiled)": runner}, {
-        "checks": checks, **comp.graph_breaks(pruned, example(1))}
+def compiled_runner(model, data, batch_sizes):
+    """``model`` under torch.compile, with its checks against eager on the real images at every batch size."""
+    runner = compiled.CompiledModel(model.eval())
+    return runner, [compiled.check(runner, lambda bs: data.tensors[0][:bs], bs) for bs in batch_sizes]
 
 
 def plot(result, path: Path) -> None:
@@ -201,7 +194,7 @@ def compiled_section(result) -> list:
             "(largest difference relative to the largest output; tolerance 1e-4).", "", table(rows, cols), ""]
 
 
-def markdown(result, argv, before=None) -> str:
+def markdown(result, argv, before=None, plot_name="token_pruners_deit_tiny.png") -> str:
     sizes = result["batch_sizes"]
     d = result["dense"]
     rows = {"dense": {"budget": "-", "ratio": 1.0, "gmacs": d["gmacs"], "top1": d["top1"], "top5": d["top5"], "drop": 0.0,
@@ -222,7 +215,7 @@ def markdown(result, argv, before=None) -> str:
              "forward. Speed-ups are images/s relative to dense in the same process: the median over 5 interleaved rounds "
              "(`compress bench`'s protocol: threads pinned, freed memory kept, rounds with another process on the CPU retaken), "
              "with the range of the rounds.", "",
-             table(rows, cols), "", "![top-1 vs GMACs and speed](token_pruners_deit_tiny.png)", ""]
+             table(rows, cols), "", f"![top-1 vs GMACs and speed]({plot_name})", ""]
     near = {}
     for r in result["rows"]:
         if abs(r["budget"] - 0.65) < 1e-6:
@@ -290,17 +283,18 @@ def main(argv=None) -> int:
               "rows": []}
     print(f"dense: top-1 {result['dense']['top1']:.1f}, {result['dense']['gmacs']:.3f} GMACs", flush=True)
     compile_budgets = [float(b) for b in args.compile_budgets.split(",") if b.strip()]
-    dense_compiled = []  # one compiled dense for every row: inductor compiles each batch size once
+    # one compiled dense for every row, checked once: inductor compiles each batch size once
+    dense_compiled = compiled_runner(dense, data, sizes) if compile_budgets else None
 
     def add_row(label, budget, spec, models, logits, note=None):
         stats = bench_assets.paired(dense_logits, logits, labels_y)
         gmacs = statistics.mean(measure.count_gmacs(m, example) for m in models)
         runners, compiled_info = None, None
         if any(abs(budget - b) <= 0.015 for b in compile_budgets):
-            from compress.compiled import CompiledModel
-
-            dense_compiled[:] = dense_compiled or [CompiledModel(dense)]
-            runners, compiled_info = compiled_pair(dense_compiled[0], models[0], data, sizes)
+            runner, checks = compiled_runner(models[0], data, sizes)
+            runners = {"dense (compiled)": dense_compiled[0], "pruned (compiled)": runner}
+            compiled_info = {"checks": {"dense": dense_compiled[1], "pruned": checks},
+                             **compiled.graph_breaks(models[0], data.tensors[0][:1])}
         speedup, rounds, prof, compiled_figures = speed(dense, models[0], input_size, sizes, args.repeats, args.round_seconds, runners)
         row = {"pruner": label, "budget": budget, "spec": spec, "gmacs": gmacs, "gmacs_ratio": gmacs / result["dense"]["gmacs"],
                "top1": stats["top1"]["pruned"], "top5": stats["top5"]["pruned"], "paired": stats, "speedup": speedup,
@@ -342,7 +336,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    md = markdown(result, argv, before)
+    md = markdown(result, argv, before, args.out.with_suffix(".png").name)
     args.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
