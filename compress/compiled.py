@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from compress.errors import CompressError
 
-from compress.deploy import TOLERANCE, difference  # max |compiled - eager| relative to the largest eager output
+from compress.deploy import TOLERANCE, difference, sample_differences  # max |compiled - eager| relative to the largest eager output
 
 
 class CompiledModel(nn.Module):
@@ -83,7 +83,7 @@ def check(compiled: CompiledModel, example_for: Callable[[int], Any], batch_size
         got = compiled(*args)
     result = {"batch_size": batch_size, **difference(got, want), "compile_seconds": compiled.compile_seconds.get(_shape_key(args))}
     if not result["max_rel_diff"] <= TOLERANCE:
-        per_sample = (got.float() - want.float()).flatten(1).abs().amax(1) / (float(want.abs().max()) or 1.0)
+        per_sample = sample_differences(got, want)
         off = int((per_sample > TOLERANCE).sum())
         raise CompressError(f"the compiled model differs from eager by {result['max_abs_diff']:.3g} (relative "
                             f"{result['max_rel_diff']:.3g}, tolerance {TOLERANCE:g}) at batch {batch_size}, in {off} of "

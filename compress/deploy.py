@@ -177,12 +177,20 @@ def check(model: nn.Module, path: Union[str, Path], fmt: str, example_for: Calla
     return result
 
 
+def sample_differences(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Each sample's largest |got - want| (dim 0 = samples), on ``difference``'s relative scale."""
+    return (got.float() - want.float()).flatten(1).abs().amax(1) / _scale(want)
+
+
+def _scale(want: torch.Tensor) -> float:
+    return float(want.abs().max()) or 1.0
+
+
 def difference(got: torch.Tensor, want: torch.Tensor) -> Dict[str, float]:
     """The largest |got - want|, absolute and relative to the largest |want|, beside ``TOLERANCE``: how a deployed
     or compiled model is held to the eager one."""
     diff = float((got.float() - want.float()).abs().max())
-    scale = float(want.abs().max()) or 1.0
-    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "tolerance": TOLERANCE}
+    return {"max_abs_diff": diff, "max_rel_diff": diff / _scale(want), "tolerance": TOLERANCE}
 
 
 def export_model(model: nn.Module, fmt: str, out: Union[str, Path], example_for: Callable[[int], Any],
