@@ -188,17 +188,20 @@ def limited_steps(recipe: Recipe, stage, i: int, batches: int):
 
 
 def calibrate(ctx: RunContext, pruner, where: str) -> None:
-    """Hand ``pruner`` the unlabelled images it asked for (a seeded random subset of the split, eval
-    transform, on the evaluation device) and let it tune its plan."""
+    """Hand ``pruner`` the images it asked for (a seeded random subset of the split, eval transform, on the
+    evaluation device) with their labels, and let it tune its plan."""
     split, n, seed = pruner.calibration()
     ds = ctx.source.dataset(split, ctx.model, train=False)  # prepare() checked the split exists
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     dev = torch.device(eval_device(ctx.recipe))
     loader = make_loader(ctx.recipe, torch.utils.data.Subset(ds, pick), train=False)
-    batches = [x.to(dev) for x, _ in loader]
+    batches, labels = [], []
+    for x, y in loader:
+        batches.append(x.to(dev))
+        labels.append(y)  # as the data module gives them (class indices, masks): the pruner moves what it reads
     t0 = time.perf_counter()
     ctx.model.eval().to(dev)
-    found = pruner.calibrate(ctx.model, batches) or {}
+    found = pruner.calibrate(ctx.model, batches, labels) or {}
     ctx.metrics.setdefault("calibration", {})[where] = {"images": len(pick), "split": split, **found}
     log(f"{where}: calibrated on {len(pick)} {split} images in {time.perf_counter() - t0:.0f} s"
          + (f": {fmt_metrics(found)}" if found else ""))

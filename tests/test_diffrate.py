@@ -63,8 +63,10 @@ def test_counts_tokens():
 # ---- the fixed schedule against a reference --------------------------------------------------------------
 
 
-def reference(model, x, prune, merge):
-    """The pruned forward one image at a time from the timm submodules, with the paper's rules written out."""
+def reference(model, x, prune, merge, weighting="mean"):
+    """The pruned forward one image at a time from the timm submodules, with the paper's rules written out (a
+    merged token: the plain mean of its members, or with ``weighting="size"`` their mean weighted by the sizes
+    they bring)."""
     P = model.num_prefix_tokens
     outs = []
     for img in x:
@@ -83,31 +85,39 @@ def reference(model, x, prune, merge):
                 order = sorted(range(m), key=lambda i: -float(cls_attn[i]))
                 dst, src = order[:km], order[km:kp]
                 unit = F.normalize(t, dim=-1)
-                members = {d: [t[P + d]] for d in dst}
+                members = {d: [(t[P + d], size[P + d])] for d in dst}
                 sizes = {d: size[P + d] for d in dst}
                 for s in src:
                     sims = [float(unit[P + s] @ unit[P + d]) for d in dst]
                     j = max(range(len(dst)), key=lambda i: sims[i])
-                    members[dst[j]].append(t[P + s])
+                    members[dst[j]].append((t[P + s], size[P + s] * max(sims[j], 0.0)))
                     sizes[dst[j]] = sizes[dst[j]] + size[P + s] * max(sims[j], 0.0)
-                t = torch.cat([t[:P], torch.stack([torch.stack(members[d]).mean(0) for d in dst])])
+
+                def merged(group):
+                    w = torch.stack([wt for _, wt in group]) if weighting == "size" else torch.ones(len(group))
+                    return (torch.stack([row for row, _ in group]) * w[:, None]).sum(0) / w.sum()
+
+                t = torch.cat([t[:P], torch.stack([merged(members[d]) for d in dst])])
                 size = torch.cat([size[:P], torch.stack([sizes[d] for d in dst])])
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))
         outs.append(model.forward_head(model.norm(t[None])))
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("weighting", ["mean", "size"])
 @pytest.mark.parametrize("cfg", [VIT, DIST], ids=["vit", "distilled"])
-def test_fixed_schedule_matches_the_reference(cfg):
+def test_fixed_schedule_matches_the_reference(cfg, weighting):
     model, x = make(cfg), images(3)
     depth = len(model.blocks)
     prune, merge = [64, 50, 48, 20][:depth], [64, 40, 44, 6][:depth]
-    pruner = build_pruner({"name": "diffrate", "prune_keep": prune, "merge_keep": merge})
+    pruner = build_pruner({"name": "diffrate", "prune_keep": prune, "merge_keep": merge, "merge_weighting": weighting})
     with torch.no_grad():
-        want = reference(model, x, prune, merge)
+        want = reference(model, x, prune, merge, weighting)
         pruner.attach(model)
         got = model(x)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    if weighting == "size":  # and the weighting changes the outputs
+        assert not torch.allclose(got, reference(model, x, prune, merge, "mean"), atol=1e-3)
     P = model.num_prefix_tokens
     assert model._compress_tokens.state.counts == [a for a, _ in counts_tokens(P, prune, merge)]
     state = model._compress_tokens.state
@@ -211,14 +221,68 @@ def test_shape_search_keeps_the_schedule_closest_to_dense():
         build_pruner({"name": "diffrate", "prune_keep": [4] * 4, "merge_keep": [4] * 4, "calibrate": {}})
 
 
+def test_shape_search_by_labelled_error_keeps_the_fewest_errors_then_the_lowest_kl():
+    model, x = make(VIT), images(8)
+    with torch.no_grad():
+        dense = model(x).log_softmax(-1)
+    y = dense.argmax(-1)  # errors = disagreements with dense, which the shapes differ in
+    cal = {"starts": [1, 2], "powers": [0.7, 1.4], "merge_shares": [0.0, 0.3], "merge_weightings": ["mean", "size"],
+           "score": "error", "refine": False}
+    pruner = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.6, "calibrate": cal})
+    pruner.attach(model)
+    found = pruner.calibrate(model, [x[:4], x[4:]], [y[:4], y[4:]])
+    chosen = (pruner.counts(), pruner.merge_weighting)
+
+    def scored(start, power, share, weighting):  # each grid shape scored by hand
+        pruner.prune_keep, pruner.merge_keep = pruner.fit_shape(start, power, share)
+        pruner.merge_weighting = weighting
+        with torch.no_grad():
+            lp = model(x).log_softmax(-1)
+        kl = F.kl_div(lp, dense, log_target=True, reduction="sum").item() / len(x)
+        return (lp.argmax(-1) != y).float().mean().item(), kl
+
+    grid = {(s, p, q, w): scored(s, p, q, w) for s in cal["starts"] for p in cal["powers"]
+            for q in cal["merge_shares"] for w in cal["merge_weightings"]}
+    assert found["schedules"] == len(grid) == 16 and len({e for e, _ in grid.values()}) > 1  # the errors differ
+    best = min(grid, key=grid.get)
+    assert abs(found["error"] - grid[best][0]) < 1e-9 and abs(found["kl"] - grid[best][1]) < 1e-5
+    assert (found["start"], found["power"], found["merge_share"], found["merge_weighting"]) == best
+    pruner.prune_keep, pruner.merge_keep = pruner.fit_shape(*best[:3])
+    assert chosen == (pruner.counts(), best[3])
+    with pytest.raises(compress.CompressError, match="needs one class index per calibration image"):
+        pruner.calibrate(model, [x], None)
+
+
+def test_shapes_that_cannot_meet_the_budget_are_skipped():
+    """Merging a large share from block 1 on removes more than a light budget allows, whatever the pruning."""
+    model, x = make(VIT), images(4)
+    pruner = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.8,
+                           "calibrate": {"starts": [1], "powers": [1.0], "merge_shares": [0.0, 0.6], "refine": False}})
+    pruner.attach(model)  # the middle shape (0.6) is off budget: the placeholder is the other one
+    assert abs(pruner.expected_macs_ratio() - 0.8) < 0.01
+    with pytest.raises(compress.CompressError, match="merge_share=0.6 cannot meet target_gmacs_ratio 0.8"):
+        pruner.fit_shape(1, 1.0, 0.6)
+    found = pruner.calibrate(model, [x])
+    assert (found["schedules"], found["off_budget"], found["merge_share"]) == (1, 1, 0.0)
+    off = build_pruner({"name": "diffrate", "target_gmacs_ratio": 0.8,
+                        "calibrate": {"starts": [1], "powers": [1.0], "merge_shares": [0.6]}})
+    with pytest.raises(compress.CompressError, match="no shape of the grid meets target_gmacs_ratio 0.8"):
+        off.attach(make(VIT))
+
+
 def test_shape_search_runs_as_a_prune_stage_without_training(tmp_path):
     metrics = fit(QUICKSTART, ["data.params.num_train=64", "data.params.num_val=32", "model.kwargs.depth=4",
                                "evaluate.batch_size=8", "stages=[{kind: prune, pruner: {name: diffrate, target_gmacs_ratio: 0.7, "
-                               "calibrate: {images: 16, starts: [1], powers: [1.0], merge_shares: [0.0, 0.2]}}}]"], out=tmp_path)
+                               "calibrate: {images: 16, starts: [1], powers: [1.0], merge_shares: [0.0, 0.2], "
+                               "score: error, merge_weightings: [mean, size]}}}]"], out=tmp_path)
     found = metrics["schedules"]["stages[0].pruner"]
-    assert metrics["calibration"]["stages[0].pruner"]["images"] == 16
+    calibration = metrics["calibration"]["stages[0].pruner"]
+    assert calibration["images"] == 16 and calibration["score"] == "error" and 0 <= calibration["error"] <= 1
     spec = json.loads((only_run(tmp_path) / "export" / "compress.json").read_text())["pruners"][0]["spec"]
     assert spec["calibrate"] is None and spec["prune_keep"] == found["prune_keep"] and spec["prune_keep"][-1] == 0
+    assert spec["merge_weighting"] == found["merge_weighting"] == calibration["merge_weighting"]
+    loaded = compress.load(only_run(tmp_path) / "export")
+    assert loaded._compress_tokens.policy.merge_weighting == found["merge_weighting"]
 
 
 def test_the_last_block_on_the_class_token_alone_is_exact():

@@ -75,8 +75,9 @@ def learned_diffrate_specs(searched) -> dict:
     """budget -> {fold: the spec searched on the other fold}, for the budgets searched on both folds."""
     by_budget = {}
     for s in searched["searches"]:
-        by_budget.setdefault(s["budget"], {})[s["fold"]] = {"name": "diffrate", "prune_keep": s["prune_keep"],
-                                                            "merge_keep": s["merge_keep"]}
+        by_budget.setdefault(s["budget"], {})[s["fold"]] = {
+            "name": "diffrate", "prune_keep": s["prune_keep"], "merge_keep": s["merge_keep"],
+            **({"merge_weighting": s["merge_weighting"]} if "merge_weighting" in s else {})}
     return {b: f for b, f in sorted(by_budget.items(), reverse=True) if set(f) == {0, 1}}
 
 

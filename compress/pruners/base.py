@@ -86,9 +86,10 @@ class Pruner:
         stage runner then calls ``calibrate`` with that many eval-transformed images of the split."""
         return None
 
-    def calibrate(self, model: nn.Module, batches: List[Any]) -> Optional[Dict[str, Any]]:
-        """Tune the plan on ``batches`` of images (on the model's device) with ``model`` attached; may
-        return figures worth logging. See ``calibration``."""
+    def calibrate(self, model: nn.Module, batches: List[Any], labels: Optional[List[Any]] = None) -> Optional[Dict[str, Any]]:
+        """Tune the plan on ``batches`` of images (on the model's device) with ``model`` attached; ``labels``
+        are the batches' targets, for a search that scores by them (most ignore them). May return figures worth
+        logging. See ``calibration``."""
         return None
 
     def training_loss(self) -> Optional[Tuple[Any, Dict[str, float]]]:

@@ -20,7 +20,7 @@ docs/methods.md §B2. Written from the paper and that spec (no code reuse).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from compress import tokens
 from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
-from compress.pruners.token.base import TokenPruner, log_probs, mean_kl
+from compress.pruners.token.base import TokenPruner, kl_and_error, log_probs, mean_kl
 from compress.registry import register_pruner
 
 RATES = "diffrate_rates"  # the submodule that holds the distributions on the model while they are searched
@@ -116,19 +116,28 @@ def importance(q: torch.Tensor, k: torch.Tensor, size_bias: Optional[torch.Tenso
     return logits.softmax(-1)[:, :, 0, num_prefix:].mean(1)
 
 
-def merge_similar(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_similar(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                  weighting: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
     """Every ``src`` row (B x S positions in ``x``, B x N x C) joins its most cosine-similar ``dst`` row (B x D
-    positions): the destination becomes the plain mean of itself and its sources, and its size gains each
-    source's size times their similarity (clamped at 0). Returns full-length (x, size); the caller drops ``src``."""
+    positions), and the destination's size gains each source's size times their similarity (clamped at 0).
+    The destination becomes the plain mean of itself and its sources (``weighting="mean"``, the paper's), or their
+    mean weighted by those sizes (``"size"``: a token that already stands for several counts for several, as in
+    ToMe). Returns full-length (x, size); the caller drops ``src``."""
     unit = x.detach().float()
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim, best = (tokens.take_rows(unit, src) @ tokens.take_rows(unit, dst).transpose(1, 2)).max(-1)  # B x S
     target = dst.gather(1, best)
-    ones = torch.ones_like(sim, dtype=x.dtype)
-    count = tokens.add_rows(torch.ones_like(size, dtype=x.dtype), target, ones)
-    x = tokens.add_rows(x, target, tokens.take_rows(x, src)) / count.unsqueeze(-1)
-    size = size.scatter_add(1, target, size.gather(1, src) * sim.clamp_min(0).to(size.dtype))
-    return x, size
+    added = size.gather(1, src) * sim.clamp_min(0).to(size.dtype)
+    merged = size.scatter_add(1, target, added)
+    moved = tokens.take_rows(x, src)
+    if weighting == "size":
+        w = size.to(x.dtype).unsqueeze(-1)
+        x = tokens.add_rows(x * w, target, moved * added.to(x.dtype).unsqueeze(-1)) / merged.to(x.dtype).unsqueeze(-1)
+    else:
+        ones = torch.ones_like(sim, dtype=x.dtype)
+        count = tokens.add_rows(torch.ones_like(size, dtype=x.dtype), target, ones)
+        x = tokens.add_rows(x, target, moved) / count.unsqueeze(-1)
+    return x, merged
 
 
 def scaled_counts(prune: List[int], merge: List[int], factor: float, m: int,
@@ -173,17 +182,26 @@ def shaped_counts(m: int, depth: int, start: int, power: float, merge_share: flo
 
 
 class ShapeSearch(PrunerConfig):
-    """Instead of the gradient search: schedules of one smooth family (``shaped_counts``), each fitted to the budget,
-    scored by the KL divergence of the pruned from the dense outputs on unlabelled images, the closest kept. A grid
-    of 27 shapes, then one round around the best; a few minutes on a 2-core CPU for DeiT-Tiny."""
+    """Instead of the gradient search: schedules of one smooth family (``shaped_counts``), each fitted to the budget
+    (shapes that cannot reach it are skipped), scored on calibration images, the best kept: by the KL divergence of
+    the pruned from the dense outputs (``score: kl``, unlabelled), or by the top-1 error on the split's labels, ties
+    broken by that KL (``score: error``). A grid, then one round around the best (``refine``); a few minutes on a
+    2-core CPU for DeiT-Tiny."""
 
     images: int = Field(512, ge=1, description="calibration images, a seeded random subset of the split")
-    split: str = Field("train", description="data split the calibration images come from (labels unused)")
+    split: str = Field("train", description="data split the calibration images come from")
     seed: int = 0
+    score: Literal["kl", "error"] = Field(
+        "kl", description="kl: closest to dense (labels unused); error: fewest top-1 errors on the split's labels "
+        "(KL to dense breaks ties). On DeiT-Tiny KL keeps confident predictions and favours starting a block late, "
+        "top-1 turns on the borderline images")
     starts: List[int] = Field([1, 2, 3], min_length=1, description="first block that removes tokens")
     powers: List[float] = Field([0.7, 1.0, 1.4], min_length=1, description="how the removal speeds up with depth")
     merge_shares: List[float] = Field([0.0, 0.1, 0.2], min_length=1,
                                       description="share of each block's survivors merged rather than kept")
+    merge_weightings: List[Literal["mean", "size"]] = Field(
+        ["mean"], min_length=1, description="merge_weighting values searched with the shapes")
+    refine: bool = Field(True, description="a second round around the best shape (27 more schedules)")
 
 
 
@@ -198,6 +216,9 @@ class DiffRateConfig(PrunerConfig):
     granularity: int = Field(4, ge=1, description="search: the step between candidate counts (the paper: 4)")
     flops_weight: float = Field(5.0, ge=0, description="search: lambda of lambda * (GMACs - target GMACs)^2")
     prop_attn: bool = Field(True, description="proportional attention (+log size)")
+    merge_weighting: Literal["mean", "size"] = Field(
+        "mean", description="a merged token: the plain mean of itself and its sources (the paper's), or their mean "
+        "weighted by the tokens each stands for (size, as ToMe)")
     calibrate: Optional[ShapeSearch] = Field(
         None, description="search the counts on unlabelled images by KL to dense (see ShapeSearch) instead of by "
         "gradient in a training stage: the prune stage needs no training steps")
@@ -233,6 +254,7 @@ class DiffRate(TokenPruner):
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
         self.prop_attn = bool(self.config.prop_attn)
+        self.merge_weighting = self.config.merge_weighting  # a shape search may pick the other one
         self.rates: Optional[Rates] = None
         self._trainable: Dict[str, bool] = {}
         self._dense_pass = False  # calibration: the patched model runs dense
@@ -250,15 +272,32 @@ class DiffRate(TokenPruner):
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
-        if self.prune_keep is None and self.config.calibrate is not None:  # until ``calibrate``: the middle shape
-            cal = self.config.calibrate
-            self.prune_keep, self.merge_keep = self.fit_shape(
-                sorted(cal.starts)[len(cal.starts) // 2], sorted(cal.powers)[len(cal.powers) // 2],
-                sorted(cal.merge_shares)[len(cal.merge_shares) // 2])
+        if self.prune_keep is None and self.config.calibrate is not None:  # until ``calibrate``: a shape of the grid
+            self.prune_keep, self.merge_keep = self._placeholder_shape()
         elif self.prune_keep is None:  # to be searched by a training stage (``stage_setup``)
             g = self.geometry
             self.rates = Rates(g["depth"], g["num_patches"], self.config.granularity, self._final())
             self.rates.to(next(model.parameters()).device).train(False)  # model.train() in the stage turns it on
+
+    def _placeholder_shape(self) -> Tuple[List[int], List[int]]:
+        """The grid's middle shape at the budget, or the nearest one that meets it: the counts until ``calibrate``."""
+        cal, depth = self.config.calibrate, self.geometry["depth"]
+
+        def middle(values):
+            return sorted(values)[len(values) // 2]
+
+        starts = [s for s in cal.starts if 0 < s < depth - 1] or [1]
+        grid = sorted(((s, p, q) for s in starts for p in cal.powers for q in cal.merge_shares), key=lambda sh: sh[2])
+        for shape in [(middle(starts), middle(cal.powers), middle(cal.merge_shares)), *grid]:  # small shares reach more
+            try:
+                return self.fit_shape(*shape)
+            except CompressError:
+                continue
+        raise self._off_budget()
+
+    def _off_budget(self) -> CompressError:
+        return CompressError(f"diffrate.calibrate: no shape of the grid meets target_gmacs_ratio "
+                             f"{self.config.target_gmacs_ratio:g}; give smaller merge_shares or later starts")
 
     def detach(self, model: nn.Module) -> None:
         self._end_search(model)
@@ -308,51 +347,88 @@ class DiffRate(TokenPruner):
         return scaled_counts(prune, merge, f, m, fixed)
 
     def fit_shape(self, start: int, power: float, merge_share: float) -> Tuple[List[int], List[int]]:
-        """``shaped_counts`` at the budget."""
+        """``shaped_counts`` at the budget; a CompressError when the shape cannot meet it (merging a large share
+        from an early block removes more than the budget allows even where pruning keeps every token)."""
         final, m, depth = self._final(), self.geometry["num_patches"], self.geometry["depth"]
+        target = self.config.target_gmacs_ratio
 
         def ratio(c: float) -> float:  # falls as c grows
             return self.schedule_ratio(*shaped_counts(m, depth, start, power, merge_share, c, final))
 
-        c = tokens.solve_monotone(lambda c: -ratio(c), -self.config.target_gmacs_ratio, 0.0, 20.0)
+        c = tokens.solve_monotone(lambda c: -ratio(c), -target, 0.0, 20.0)
+        if abs(ratio(c) - target) > 0.01:
+            raise CompressError(f"diffrate: the shape start={start}, power={power:g}, merge_share={merge_share:g} cannot "
+                                f"meet target_gmacs_ratio {target:g} (it reaches {ratio(c):.3f} at best); use a smaller "
+                                "merge_share or a later start")
         return shaped_counts(m, depth, start, power, merge_share, c, final)
 
     def calibration(self):
         cal = self.config.calibrate
         return None if cal is None or self.config.prune_keep is not None else (cal.split, cal.images, cal.seed)
 
-    def calibrate(self, model, batches) -> dict:
-        """``config.calibrate``: the shape whose outputs on ``batches`` are closest to the dense model's (mean KL)."""
+    def calibrate(self, model, batches, labels=None) -> dict:
+        """``config.calibrate``: the shape (and merge weighting) whose outputs on ``batches`` score best, by KL to
+        the dense model's or by top-1 error on ``labels`` (see ShapeSearch)."""
         from compress.progress import track
 
         cal = self.config.calibrate
+        by_error = cal.score == "error"
+        if by_error:
+            self._check_labels(batches, labels)
         self._dense_pass = True
         try:
             dense = log_probs(model, batches)
         finally:
             self._dense_pass = False
-        scored: Dict[Tuple[int, float, float], float] = {}
+        scored: Dict[Tuple[int, float, float, str], Tuple[float, float]] = {}  # shape -> (error or 0, KL)
+        fitted: Dict[Tuple[int, float, float], Optional[Tuple[List[int], List[int]]]] = {}
 
-        def kl(shape) -> float:
-            if shape not in scored:
-                self.prune_keep, self.merge_keep = self.fit_shape(*shape)
-                scored[shape] = mean_kl(model, batches, dense)
-            return scored[shape]
+        def score(shape) -> None:
+            counts = shape[:3]
+            if counts not in fitted:
+                try:
+                    fitted[counts] = self.fit_shape(*counts)
+                except CompressError:
+                    fitted[counts] = None  # off the budget: not comparable
+            if shape in scored or fitted[counts] is None:
+                return
+            (self.prune_keep, self.merge_keep), self.merge_weighting = fitted[counts], shape[3]
+            if by_error:
+                kl, error = kl_and_error(model, batches, dense, labels)
+                scored[shape] = (error, kl)
+            else:
+                scored[shape] = (0.0, mean_kl(model, batches, dense))
 
         depth = self.geometry["depth"]
-        grid = [(s, p, q) for s in cal.starts if 0 < s < depth - 1 for p in cal.powers for q in cal.merge_shares]
+        grid = [(s, p, q, w) for s in cal.starts if 0 < s < depth - 1 for p in cal.powers for q in cal.merge_shares
+                for w in cal.merge_weightings]
         with torch.no_grad():
             for shape in track(grid, "diffrate shape search", unit="schedules"):
-                kl(shape)
-            s, p, q = min(scored, key=scored.get)  # then one round around the best
-            near = [(s2, p * f, min(0.9, max(0.0, q + dq))) for s2 in {s - 1, s, s + 1} if 0 < s2 < depth - 1
-                    for f in (0.85, 1.0, 1.15) for dq in (-0.05, 0.0, 0.05)]
-            for shape in track(near, "diffrate shape refine", unit="schedules"):
-                kl(shape)
+                score(shape)
+            if not scored:
+                raise self._off_budget()
+            if cal.refine:  # one round around the best
+                s, p, q, w = min(scored, key=scored.get)
+                near = [(s2, p * f, min(0.9, max(0.0, q + dq)), w) for s2 in {s - 1, s, s + 1} if 0 < s2 < depth - 1
+                        for f in (0.85, 1.0, 1.15) for dq in (-0.05, 0.0, 0.05)]
+                for shape in track(near, "diffrate shape refine", unit="schedules"):
+                    score(shape)
         best = min(scored, key=scored.get)
-        self.prune_keep, self.merge_keep = self.fit_shape(*best)
-        return {"kl": scored[best], "schedules": len(scored), "start": best[0], "power": round(best[1], 3),
-                "merge_share": round(best[2], 3)}
+        (self.prune_keep, self.merge_keep), self.merge_weighting = fitted[best[:3]], best[3]
+        error, kl = scored[best]
+        return {"score": cal.score, "kl": kl, **({"error": error} if by_error else {}), "schedules": len(scored),
+                "off_budget": sum(v is None for v in fitted.values()), "start": best[0], "power": round(best[1], 3),
+                "merge_share": round(best[2], 3), "merge_weighting": best[3]}
+
+    @staticmethod
+    def _check_labels(batches, labels) -> None:
+        """score: error needs one class index per image."""
+        ok = labels is not None and len(labels) == len(batches) and all(
+            torch.is_tensor(y) and y.dim() == 1 and not y.is_floating_point() and len(y) == len(b)
+            for b, y in zip(batches, labels))
+        if not ok:
+            raise CompressError("diffrate.calibrate.score: 'error' needs one class index per calibration image (a "
+                                "classification split); this data gives none; use score: kl")
 
     def finalize(self, model: nn.Module) -> Dict[str, Any]:
         self._end_search(model)
@@ -360,13 +436,15 @@ class DiffRate(TokenPruner):
 
     def pinned(self) -> dict:
         prune, merge = self.counts()
-        return {"prune_keep": prune, "merge_keep": merge, "target_gmacs_ratio": None, "calibrate": None}
+        return {"prune_keep": prune, "merge_keep": merge, "merge_weighting": self.merge_weighting,
+                "target_gmacs_ratio": None, "calibrate": None}
 
     def learned(self) -> Optional[Dict[str, Any]]:
         if self.prune_keep is None or self.config.prune_keep is not None:
             return None  # nothing searched (a given schedule)
         prune, merge = self.counts()
-        return {"prune_keep": prune, "merge_keep": merge, "macs_ratio": round(self.expected_macs_ratio(), 4)}
+        return {"prune_keep": prune, "merge_keep": merge, "merge_weighting": self.merge_weighting,
+                "macs_ratio": round(self.expected_macs_ratio(), 4)}
 
     def counts(self) -> Tuple[List[int], List[int]]:
         return self.rates.counts() if self.rates is not None else (list(self.prune_keep), list(self.merge_keep))
@@ -375,12 +453,14 @@ class DiffRate(TokenPruner):
         return counts_tokens(self.geometry["num_prefix"], *self.counts())
 
     def state_dict(self) -> Dict[str, Any]:
-        return {} if self.rates is not None else {"prune_keep": self.prune_keep, "merge_keep": self.merge_keep}
+        return {} if self.rates is not None else {"prune_keep": self.prune_keep, "merge_keep": self.merge_keep,
+                                                  "merge_weighting": self.merge_weighting}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("prune_keep") is not None:  # the search had ended with these counts
             self.rates = None
             self.prune_keep, self.merge_keep = list(state["prune_keep"]), list(state["merge_keep"])
+            self.merge_weighting = state.get("merge_weighting", self.merge_weighting)
 
     def stage_setup(self, run) -> None:
         """Before the optimizer is made, so it trains the distributions."""
@@ -453,7 +533,7 @@ class DiffRate(TokenPruner):
         order = importance(info.q, info.k, info.bias, P).argsort(dim=1, descending=True) + P  # the attention's own +log size
         rows = torch.cat([tokens.positions(0, P, x), order[:, :km]], dim=1)
         if km < kp:
-            x, state.size = merge_similar(x, state.size, order[:, :km], order[:, km:kp])
+            x, state.size = merge_similar(x, state.size, order[:, :km], order[:, km:kp], self.merge_weighting)
         state.index = state.index.gather(1, rows)
         state.size = state.size.gather(1, rows)
         return tokens.take_rows(x, rows)
@@ -484,7 +564,7 @@ class DiffRate(TokenPruner):
         mask = mask * torch.cat([ones, prune.mask(mid, alive).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
         if km < mid:
             dst, src = tokens.positions(P, P + km, x), tokens.positions(P + km, P + mid, x)
-            x, size = merge_similar(x, state.size.clamp_min(1), dst, src)  # sources stay, masked from now on
+            x, size = merge_similar(x, state.size.clamp_min(1), dst, src, self.merge_weighting)  # sources stay, masked from now on
             state.size = size
         mask = mask * torch.cat([ones, merge.mask(min(km, mid), mid).to(mask.dtype).expand(x.shape[0], -1)], dim=1)
         state.extras["mask"] = mask

@@ -342,9 +342,9 @@ class ZeroTPrune(TokenPruner):
         return weights, share
 
     @torch.no_grad()
-    def calibrate(self, model, batches) -> dict:
-        """Search the schedule (``config.search``) at the budget on ``batches``: keep the one whose
-        outputs are closest to the dense model's (mean KL). The default schedule is the first trial,
+    def calibrate(self, model, batches, labels=None) -> dict:
+        """Search the schedule (``config.search``) at the budget on ``batches`` (``labels`` unused): keep the one
+        whose outputs are closest to the dense model's (mean KL). The default schedule is the first trial,
         so the search never ends further from dense on these images than the default."""
         cfg = self.config.search
         target = self.budget
