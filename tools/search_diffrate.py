@@ -8,8 +8,8 @@ recipe runs its prune stage with ``data.root`` a folder whose ``train/`` holds t
 ``val/`` holds fold f's, which the search never reads (evaluation is off). ``--search gradient``:
 ``recipes/deit_t_diffrate.yaml``, DiffRate's search (a Lightning run, the ViT frozen; labelled: cross-entropy, or
 KL to dense with ``--set "stages.0.distill={teacher: dense, alpha: 1.0}"``, random-crop views). ``--search
-shapes``: ``recipes/deit_t_diffrate_shapes.yaml``, schedule shapes scored by KL to dense on unlabelled train
-images (no training). The budgets are of the blocks' MACs (0.639 of them is 0.647 of DeiT-Tiny's GMACs). The schedules found
+shapes``: ``recipes/deit_t_diffrate_shapes.yaml``, schedule shapes scored on the train images (top-1 error on
+their labels, ties by KL to dense; no training). The budgets are of the blocks' MACs (0.639 of them is 0.647 of DeiT-Tiny's GMACs). The schedules found
 go to ``--out`` (tools/results/diffrate_schedules.json); ``tools/bench_token_pruners.py --diffrate-schedules`` scores each
 fold's images with the schedule searched on the other fold, so no image is scored by a schedule that saw it.
 """
@@ -32,7 +32,7 @@ from compress.run import fit
 
 HERE = Path(__file__).resolve().parent
 RECIPES = {"gradient": HERE.parent / "recipes" / "deit_t_diffrate.yaml",  # DiffRate's search, a training stage
-           "shapes": HERE.parent / "recipes" / "deit_t_diffrate_shapes.yaml"}  # KL to dense over schedule shapes
+           "shapes": HERE.parent / "recipes" / "deit_t_diffrate_shapes.yaml"}  # schedule shapes, scored on train/
 
 
 def fold_root(images: Path, fold: int, into: Path) -> Path:

@@ -220,8 +220,8 @@ class DiffRateConfig(PrunerConfig):
         "mean", description="a merged token: the plain mean of itself and its sources (the paper's), or their mean "
         "weighted by the tokens each stands for (size, as ToMe)")
     calibrate: Optional[ShapeSearch] = Field(
-        None, description="search the counts on unlabelled images by KL to dense (see ShapeSearch) instead of by "
-        "gradient in a training stage: the prune stage needs no training steps")
+        None, description="search the counts over schedule shapes scored on calibration images (see ShapeSearch) "
+        "instead of by gradient in a training stage: the prune stage needs no training steps")
     prefix_only_last: bool = Field(
         True, description="search: the last block keeps no patch token after its attention when the head reads "
         "the class token alone (exact, and frees its MLP's MACs for the other blocks); false = search it too")
@@ -280,7 +280,8 @@ class DiffRate(TokenPruner):
             self.rates.to(next(model.parameters()).device).train(False)  # model.train() in the stage turns it on
 
     def _placeholder_shape(self) -> Tuple[List[int], List[int]]:
-        """The grid's middle shape at the budget, or the nearest one that meets it: the counts until ``calibrate``."""
+        """The counts until ``calibrate``: the grid's middle shape at the budget or, when it cannot meet it, the first
+        of the grid that can (smallest merge share first)."""
         cal, depth = self.config.calibrate, self.geometry["depth"]
 
         def middle(values):
