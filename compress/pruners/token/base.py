@@ -1,7 +1,7 @@
 """``TokenPruner``: a pruner that is also the per-forward ``TokenPolicy`` of the patched model."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -69,19 +69,18 @@ def log_probs(model: nn.Module, batches: List[torch.Tensor]) -> List[torch.Tenso
 def mean_kl(model: nn.Module, batches: List[torch.Tensor], reference: List[torch.Tensor]) -> float:
     """KL(reference || model) per image over ``batches`` (``reference``: ``log_probs`` of the dense model): how far
     a schedule moves the outputs, without labels."""
-    total = sum(F.kl_div(F.log_softmax(model(b).float(), -1), d, log_target=True, reduction="sum").item()
-                for b, d in zip(batches, reference))
-    return total / sum(len(b) for b in batches)
+    return kl_and_error(model, batches, reference)[0]
 
 
 def kl_and_error(model: nn.Module, batches: List[torch.Tensor], reference: List[torch.Tensor],
-                 labels: List[torch.Tensor]) -> tuple:
-    """(``mean_kl``, top-1 error on ``labels``) in one pass: a labelled search scores schedules by the error, which
-    is what top-1 measures, and breaks its ties by the KL."""
+                 labels: Optional[List[torch.Tensor]] = None) -> Tuple[float, Optional[float]]:
+    """(``mean_kl``, top-1 error on ``labels`` or None without them) in one pass: a labelled search scores schedules
+    by the error, which is what top-1 measures, and breaks its ties by the KL."""
     kl = wrong = 0.0
-    for b, d, y in zip(batches, reference, labels):
+    for i, (b, d) in enumerate(zip(batches, reference)):
         lp = F.log_softmax(model(b).float(), -1)
         kl += F.kl_div(lp, d, log_target=True, reduction="sum").item()
-        wrong += (lp.argmax(-1) != y.to(lp.device)).sum().item()
+        if labels is not None:
+            wrong += (lp.argmax(-1) != labels[i].to(lp.device)).sum().item()
     n = sum(len(b) for b in batches)
-    return kl / n, wrong / n
+    return kl / n, (None if labels is None else wrong / n)

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from compress import tokens
 from compress.errors import CompressError
 from compress.pruners.base import PrunerConfig
-from compress.pruners.token.base import TokenPruner, kl_and_error, log_probs, mean_kl
+from compress.pruners.token.base import TokenPruner, kl_and_error, log_probs
 from compress.registry import register_pruner
 
 RATES = "diffrate_rates"  # the submodule that holds the distributions on the model while they are searched
@@ -282,12 +282,12 @@ class DiffRate(TokenPruner):
     def _placeholder_shape(self) -> Tuple[List[int], List[int]]:
         """The counts until ``calibrate``: the grid's middle shape at the budget or, when it cannot meet it, the first
         of the grid that can (smallest merge share first)."""
-        cal, depth = self.config.calibrate, self.geometry["depth"]
+        cal = self.config.calibrate
 
         def middle(values):
             return sorted(values)[len(values) // 2]
 
-        starts = [s for s in cal.starts if 0 < s < depth - 1] or [1]
+        starts = self._starts() or [1]
         grid = sorted(((s, p, q) for s in starts for p in cal.powers for q in cal.merge_shares), key=lambda sh: sh[2])
         for shape in [(middle(starts), middle(cal.powers), middle(cal.merge_shares)), *grid]:  # small shares reach more
             try:
@@ -295,6 +295,10 @@ class DiffRate(TokenPruner):
             except CompressError:
                 continue
         raise self._off_budget()
+
+    def _starts(self) -> List[int]:
+        """The grid's start blocks this model can use: block 0 stays dense and the last has its own count."""
+        return [s for s in self.config.calibrate.starts if 0 < s < self.geometry["depth"] - 1]
 
     def _off_budget(self) -> CompressError:
         return CompressError(f"diffrate.calibrate: no shape of the grid meets target_gmacs_ratio "
@@ -394,14 +398,11 @@ class DiffRate(TokenPruner):
             if shape in scored or fitted[counts] is None:
                 return
             (self.prune_keep, self.merge_keep), self.merge_weighting = fitted[counts], shape[3]
-            if by_error:
-                kl, error = kl_and_error(model, batches, dense, labels)
-                scored[shape] = (error, kl)
-            else:
-                scored[shape] = (0.0, mean_kl(model, batches, dense))
+            kl, error = kl_and_error(model, batches, dense, labels if by_error else None)
+            scored[shape] = (error if by_error else 0.0, kl)
 
         depth = self.geometry["depth"]
-        grid = [(s, p, q, w) for s in cal.starts if 0 < s < depth - 1 for p in cal.powers for q in cal.merge_shares
+        grid = [(s, p, q, w) for s in self._starts() for p in cal.powers for q in cal.merge_shares
                 for w in cal.merge_weightings]
         with torch.no_grad():
             for shape in track(grid, "diffrate shape search", unit="schedules"):
